@@ -1,0 +1,230 @@
+"""The training and scoring engine: one flat loop, fed from the uint8 cache on the device.
+
+Why it is fast (DESIGN.md "Speed"):
+- images are decoded once; batches are sliced from a uint8 tensor on the training device
+  and augmented there, per image, with no DataLoader and no per-sample Python;
+- a frozen prefix (everything before the first trainable block) runs once per image and
+  augmented view, and its output feeds every specialist with the same freeze and
+  augmentation; without augmentation it runs once for all epochs;
+- on CUDA: bf16 autocast, channels_last, fused optimizers, optional torch.compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import augment as aug
+from . import models
+from .config import RuntimeConfig
+
+
+@dataclass
+class Runtime:
+    """Where and how tensors run; derived once from the config's runtime section."""
+
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+    compile: bool
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        if self.cuda and self.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        if self.cuda and self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def input(self, images_u8: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+        return aug.to_input(images_u8.to(self.device, non_blocking=True), params, channels_last=self.cuda and self.channels_last)
+
+
+def resolve_runtime(rc: RuntimeConfig, device: str | None = None) -> Runtime:
+    name = device or rc.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from .errors import UserError
+
+        raise UserError(f"runtime.device: {name} requested but no CUDA device is visible; set runtime.device: cpu or auto")
+    if rc.threads and name == "cpu":
+        torch.set_num_threads(rc.threads)
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(dev, rc.bf16, rc.channels_last, rc.compile and dev.type == "cuda")
+
+
+def images_on(rt: Runtime, images: torch.Tensor) -> torch.Tensor:
+    """Keep the uint8 cache on the device when it fits comfortably (under a third of free memory)."""
+    if rt.cuda:
+        free, _ = torch.cuda.mem_get_info(rt.device)
+        if images.numel() < free / 3:
+            return images.to(rt.device)
+        return images.pin_memory()
+    return images
+
+
+def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: float, rt: Runtime):
+    params = [p for p in params if p.requires_grad]
+    fast = {"fused": True} if rt.cuda else {"foreach": True}
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fast)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fast)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of one epoch; depends only on (seed, epoch), never on the device."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+def train_one_epoch(
+    tail: nn.Module,
+    get_input: Callable[[torch.Tensor], torch.Tensor],
+    targets: torch.Tensor,
+    order: torch.Tensor,
+    batch_size: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    rt: Runtime,
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> float:
+    """One pass over `order` (row indices); returns the mean loss. Targets live on the device."""
+    total = torch.zeros((), device=rt.device)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        # 1. inputs: cached prefix features or augmented images, sliced on the device
+        x = get_input(rows)
+        # 2. forward and loss under autocast
+        with rt.autocast():
+            out = tail(x)
+        loss = loss_fn(out.float(), targets[rows.to(targets.device)])
+        # 3. step
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        total += loss.detach() * len(rows)
+    return total.item() / max(1, len(order))  # one sync per epoch, not per step
+
+
+@torch.no_grad()
+def run_prefix(
+    prefix: nn.Module,
+    images: torch.Tensor,
+    idx: torch.Tensor,
+    rt: Runtime,
+    batch_size: int,
+    params: dict | None = None,
+) -> torch.Tensor:
+    """Outputs of a frozen prefix (eval mode) for images[idx], augmented per image with params[idx]."""
+    prefix.eval()
+    chunks = []
+    feat_dtype = torch.bfloat16 if rt.cuda and rt.bf16 else torch.float32
+    for start in range(0, len(idx), batch_size):
+        rows = idx[start : start + batch_size]
+        p = aug.take(params, rows) if params else None
+        x = rt.input(images[rows.to(images.device)], p)
+        with rt.autocast():
+            chunks.append(prefix(x).to(feat_dtype))
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def logits(model: nn.Module, images: torch.Tensor, rt: Runtime, batch_size: int) -> torch.Tensor:
+    """Outputs of a whole model in eval mode over all images, float32 on the CPU."""
+    model.eval()
+    idx = torch.arange(len(images))
+    return run_prefix(model, images, idx, rt, batch_size).float().cpu()
+
+
+@dataclass
+class Member:
+    """One model trained in a group: its rows of the training split, targets, loss and hyperparameters.
+
+    `hp` is any config section with optimizer, lr, momentum, weight_decay, epochs,
+    batch_size and seed (a Strategy, PretrainConfig or DistillConfig).
+    """
+
+    name: Any
+    model: nn.Module
+    idx: torch.Tensor  # rows of the training split, sorted
+    targets: torch.Tensor  # one per row of idx
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    hp: Any
+    one_cycle: bool = False  # OneCycle learning-rate schedule (pretraining from scratch)
+    losses: list[float] = field(default_factory=list)
+
+
+def fit_group(
+    members: list[Member], freeze: str, augment: list[str] | tuple[str, ...], images: torch.Tensor, rt: Runtime, prefix_batch: int, aug_seed: int
+) -> None:
+    """Train members that share a freeze point and augmentation, with one prefix pass per epoch.
+
+    Every member's frozen prefix holds the same (base) weights, so the first one's prefix
+    output over the union of their rows feeds them all. Without augmentation it is
+    computed once for all epochs. Views depend only on (aug_seed, epoch, image).
+    """
+    union = torch.unique(torch.cat([m.idx for m in members]))
+    parts = []
+    for m in members:
+        m.model = rt.prepare(m.model)
+        prefix, tail = models.freeze(m.model, freeze)
+        step_tail = torch.compile(tail) if rt.compile else tail
+        hp = m.hp
+        opt = make_optimizer(tail.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, rt)
+        steps = hp.epochs * -(-len(m.idx) // hp.batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=steps, pct_start=0.25) if m.one_cycle else None
+        rows = torch.searchsorted(union, m.idx)  # the member's rows in the union
+        parts.append((prefix, tail, step_tail, opt, sched, rows, m.targets.to(rt.device)))
+    shared_prefix = parts[0][0]
+    has_prefix = len(shared_prefix) > 0
+    feats = None
+    for epoch in range(max(m.hp.epochs for m in members)):
+        params = aug.draw_params(len(images), augment, aug_seed, epoch) if augment else None
+        if has_prefix and (feats is None or augment):
+            feats = run_prefix(shared_prefix, images, union, rt, prefix_batch, params)  # one pass for the group
+        for m, (prefix, tail, step_tail, opt, sched, rows, targets) in zip(members, parts):
+            if epoch >= m.hp.epochs:
+                continue
+            models.set_train_mode(prefix, tail)
+            if has_prefix:
+                get_input = lambda b, rows=rows: feats[rows[b].to(feats.device)]
+            else:
+                idx = m.idx
+                get_input = lambda b, idx=idx: rt.input(images[idx[b].to(images.device)], aug.take(params, idx[b]) if params else None)
+            order = epoch_order(len(rows), m.hp.seed, epoch)
+            m.losses.append(train_one_epoch(step_tail, get_input, targets, order, m.hp.batch_size, m.loss_fn, opt, rt, sched))
+
+
+class Timer:
+    """Wall time of named phases, synchronising CUDA so that times are real."""
+
+    def __init__(self, rt: Runtime | None = None):
+        self.rt, self.times = rt, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.rt is not None and self.rt.cuda:
+            torch.cuda.synchronize(self.rt.device)
+        t0 = time.perf_counter()
+        yield
+        if self.rt is not None and self.rt.cuda:
+            torch.cuda.synchronize(self.rt.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
