@@ -13,7 +13,6 @@ from typing import Optional
 
 import typer
 
-from . import pipeline
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Do the weight deltas of fine-tuned specialists predict what combining them gains?")
@@ -22,6 +21,18 @@ DatasetOpt = typer.Option(None, "--dataset", "-d", help="Config configs/NAME.yam
 ConfigOpt = typer.Option(None, "--config", "-c", help="Path to a YAML config")
 OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default results/<config name>)")
 ForceOpt = typer.Option(False, "--force", help="Redo work even if complete for this config")
+
+
+class _LazyPipeline:
+    """pipeline (and torch) imported on first use, so `--help` and usage errors answer at once."""
+
+    def __getattr__(self, name):
+        from . import pipeline as real
+
+        return getattr(real, name)
+
+
+pipeline = _LazyPipeline()
 
 
 def user_errors(fn):
@@ -107,3 +118,7 @@ def run_all(dataset: Optional[str] = DatasetOpt, config: Optional[Path] = Config
 
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

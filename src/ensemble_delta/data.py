@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,9 @@ def _decode_one(path: str, size: int) -> torch.Tensor:
     try:
         img = decode_image(path, mode=ImageReadMode.RGB)
     except Exception as e:  # torchvision raises RuntimeError for corrupt or unsupported files
-        raise UserError(f"cannot decode image {path} ({str(e).splitlines()[0][:80]}); remove or replace the file") from None
+        # its messages start with the C++ source location ("decode_jpeg, /path/decode_jpeg.cpp:171, Image is ..."): drop it
+        reason = re.sub(r"^\w+, \S+:\d+, ", "", str(e).splitlines()[0] if str(e) else type(e).__name__)[:100]
+        raise UserError(f"cannot decode image {path} ({reason}); remove or replace the file") from None
     return resize_square(img[None], size)[0]
 
 
@@ -104,6 +107,10 @@ def _torchvision_or_error(make, name: str, root: str, download: bool):
     """Open a torchvision dataset, downloading only when allowed; any failure is one clear line."""
     try:
         return make(download=False)
+    except (FileNotFoundError, KeyError) as e:  # the folder is there, but a split or class folder is missing, empty or unknown
+        raise UserError(
+            f"{name} under {root} is incomplete or altered ({type(e).__name__}: {str(e).splitlines()[0][:100]}); delete it and download again, or copy the full dataset there"
+        ) from None
     except RuntimeError:
         if not download:
             raise UserError(
@@ -150,8 +157,11 @@ def _folder_listing(cfg: DataConfig):
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise UserError(f"folder dataset: {root / split} not found; lay out images as {root}/train/<class>/* and {root}/val/<class>/*")
-    classes, idx = find_classes(str(root / "train"))
-    val_classes, _ = find_classes(str(root / "val"))
+    try:
+        classes, idx = find_classes(str(root / "train"))
+        val_classes, _ = find_classes(str(root / "val"))
+    except FileNotFoundError:  # a split without any class folder
+        raise UserError(f"folder dataset: no class folders in {root}/train or {root}/val; lay out images as {root}/train/<class>/* and {root}/val/<class>/*") from None
     if val_classes != classes:
         raise UserError(f"folder dataset: train/ and val/ under {root} have different class folders; give both the same classes")
     try:
@@ -269,10 +279,17 @@ def one_vs_rest(labels: torch.Tensor, c: int, negatives: str, seed: int) -> OneV
     others = [k for k in labels.unique().tolist() if k != c]
     others = [others[i] for i in torch.randperm(len(others), generator=g).tolist()]
     base, extra = divmod(len(pos), len(others))
-    neg = []
-    for i, k in enumerate(others):
-        pool = (labels == k).nonzero().flatten()
-        n = min(len(pool), base + (1 if i < extra else 0))
-        neg.append(pool[torch.randperm(len(pool), generator=g)[:n]])
+    pools = [(labels == k).nonzero().flatten() for k in others]
+    counts = [base + (1 if i < extra else 0) for i in range(len(others))]
+    # a class too small for its share passes the shortfall on to the others (same seeded order),
+    # so there are still as many negatives as positives when the data allow it
+    short = sum(max(0, n - len(p)) for n, p in zip(counts, pools))
+    counts = [min(n, len(p)) for n, p in zip(counts, pools)]
+    while short > 0 and any(n < len(p) for n, p in zip(counts, pools)):
+        for i, p in enumerate(pools):
+            if short > 0 and counts[i] < len(p):
+                counts[i] += 1
+                short -= 1
+    neg = [p[torch.randperm(len(p), generator=g)[:n]] for p, n in zip(pools, counts)]
     idx = torch.cat([pos, *neg]).sort().values
     return OneVsRest(idx, (labels[idx] == c).float(), pos_weight=1.0)

@@ -19,6 +19,7 @@ from .provenance import update_manifest, write_config
 from .storage import read_csv, write_csv, write_text
 
 DEFAULT_DATASET = "mnist-subset"
+DEFAULT_OUT_ROOT = "results"  # the pointer to the last trained run lives here, whatever --out said
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
 
 
@@ -41,8 +42,8 @@ def config_for(dataset: str | None = None, config: str | Path | None = None, out
     return cfg
 
 
-def last_run(out_root: str | Path = "results") -> Path:
-    pointer = Path(out_root) / LAST_POINTER
+def last_run() -> Path:
+    pointer = Path(DEFAULT_OUT_ROOT) / LAST_POINTER
     if not pointer.exists():
         raise UserError(f"no run found ({pointer} is missing): run `ensemble-delta train` first, or pass --dataset/--config/--out")
     run = Path(pointer.read_text().strip())
@@ -66,17 +67,18 @@ def train(cfg: Config, force: bool = False) -> RunPaths:
     from .training import base_state, train_all
 
     paths = RunPaths(cfg.run_dir)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    write_config(paths, cfg)
     t0 = time.perf_counter()
     rt = resolve_runtime(cfg.runtime)
     data = load_data(cfg.data, cfg.num_classes)
+    # only now that the data is there: a failed start must not overwrite an existing run's config
+    paths.root.mkdir(parents=True, exist_ok=True)
+    write_config(paths, cfg)
     print(f"train: {cfg.name} -> {paths.root} on {rt.device}; {len(data.train)} train, {len(data.val)} validation, {len(data.test)} test images of {cfg.data.image_size}px")
     t_data = time.perf_counter() - t0
     base_state(cfg, paths, data, rt, force=force)
     t_base = time.perf_counter() - t0 - t_data
     trained = train_all(cfg, paths, data, rt, force=force)
-    write_text(Path(cfg.out_root) / LAST_POINTER, str(paths.root.resolve()) + "\n")
+    write_text(Path(DEFAULT_OUT_ROOT) / LAST_POINTER, str(paths.root.resolve()) + "\n")
     seconds = time.perf_counter() - t0
     update_manifest(paths, cfg, "train", seconds, rt, timings={"data": t_data, "base": t_base, "specialists": seconds - t_data - t_base}, trained_now=trained)
     print(f"train: done in {seconds:.1f}s ({len(trained)} specialists trained now)")
