@@ -19,6 +19,9 @@ from typer.testing import CliRunner
 
 from ensemble_delta import pipeline
 from ensemble_delta.cli import app
+from ensemble_delta.data import load_data
+from ensemble_delta.engine import resolve_runtime
+from ensemble_delta.evaluation import specialist_logits
 from ensemble_delta.metrics import METRIC_COLUMNS, SUMMARY_COLUMNS
 from ensemble_delta.models import backbone_param_names, build
 from ensemble_delta.paths import RunPaths
@@ -195,9 +198,18 @@ def test_two_worker_processes_give_the_same_specialists(run_a, workdir):
     seed_base(run_a, cfg.run_dir)
     paths = pipeline.train(cfg)
     assert sorted(read_json(paths.manifest)["trained_now"]) == list(range(K))
+    rt = resolve_runtime(cfg.runtime)
+    images = load_data(cfg.data, K).test.images
+    z_one = specialist_logits(cfg, run_a, images, rt)
+    z_two = specialist_logits(cfg, paths, images, rt)
     for c in range(K):
         one, two = load_file(run_a.specialist(c)), load_file(paths.specialist(c))
-        assert one.keys() == two.keys()
+        assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in two.items()}
         assert read_json(paths.specialist_log(c))["config_hash"] == read_json(run_a.specialist_log(c))["config_hash"]
-        for k in one:  # the same computation, up to float noise from other thread counts
-            assert torch.allclose(one[k].float(), two[k].float(), atol=1e-3, rtol=1e-3), (c, k)
+        # the same computation up to float noise: the workers run 1 thread each, the reference 2, and
+        # AdamW (class 4 and 9) turns summation-order noise in near-zero gradients into lr-sized steps
+        if cfg.strategy(c).optimizer == "sgd":
+            for k in one:
+                assert torch.allclose(one[k].float(), two[k].float(), atol=1e-3, rtol=1e-3), (c, k)
+        agree = ((z_one[:, c] > 0) == (z_two[:, c] > 0)).float().mean()
+        assert agree > 0.97, (c, agree)
