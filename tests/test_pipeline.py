@@ -213,3 +213,25 @@ def test_two_worker_processes_give_the_same_specialists(run_a, workdir):
                 assert torch.allclose(one[k].float(), two[k].float(), atol=1e-3, rtol=1e-3), (c, k)
         agree = ((z_one[:, c] > 0) == (z_two[:, c] > 0)).float().mean()
         assert agree > 0.97, (c, agree)
+
+
+def test_every_correlation_recomputes_with_scipy(run_a):
+    """Each row of correlations.csv, from deltas.csv and metrics.csv alone, with scipy."""
+    from scipy import stats
+
+    deltas = {r["class"]: r for r in read_csv(run_a.deltas) if r["model"].startswith("class_")}
+    metrics = read_csv(run_a.metrics)
+    checked = 0
+    for row in read_csv(run_a.correlations):
+        pts = [(deltas[m["class"]][row["stat"]], m["d_" + row["metric"]]) for m in metrics if m["method"] == row["method"] and (m["rule"] or "") == (row["rule"] or "")]
+        x, y = map(np.array, zip(*pts))
+        assert row["n"] == len(x) == K
+        if np.ptp(x) == 0 or np.ptp(y) == 0:
+            assert np.isnan(row["r"]) and row["note"]
+            continue
+        r, p = stats.pearsonr(x, y)
+        fit = stats.linregress(x, y)
+        rho, sp = stats.spearmanr(x, y)
+        np.testing.assert_allclose([row["r"], row["p"], row["slope"], row["intercept"], row["spearman_rho"], row["spearman_p"]], [r, p, fit.slope, fit.intercept, rho, sp], rtol=1e-9, atol=1e-12)
+        checked += 1
+    assert checked >= 100  # most of the 135 tests are defined on this run
