@@ -82,7 +82,8 @@ def images_on(rt: Runtime, images: torch.Tensor) -> torch.Tensor:
 
 def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: float, rt: Runtime):
     params = [p for p in params if p.requires_grad]
-    fast = {"fused": True} if rt.cuda else {"foreach": True}
+    # fused kernels exist for CPU and CUDA (torch >= 2.4); on CPU fused AdamW is ~4x faster than foreach
+    fast = {"fused": True}
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fast)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fast)

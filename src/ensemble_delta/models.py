@@ -7,6 +7,7 @@ and view, and train only the tail.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -66,10 +67,19 @@ def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+_INIT_LOCK = threading.Lock()  # seeding and drawing an init use the global RNG: one thread at a time
+
+
+def seeded_build(arch: str, num_outputs: int, seed: int) -> nn.Module:
+    """build() with its random init drawn from `seed`, safe to call from several threads."""
+    with _INIT_LOCK:
+        torch.manual_seed(seed)
+        return build(arch, num_outputs)
+
+
 def with_head(arch: str, base_state: dict[str, torch.Tensor], num_outputs: int, seed: int) -> nn.Module:
     """The base backbone with a new seeded head of `num_outputs` outputs."""
-    torch.manual_seed(seed)
-    model = build(arch, num_outputs)
+    model = seeded_build(arch, num_outputs, seed)
     backbone = {k: v for k, v in base_state.items() if not k.startswith("fc.")}
     missing, unexpected = model.load_state_dict(backbone, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
