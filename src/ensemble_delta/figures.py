@@ -438,27 +438,45 @@ def pair_choice(corr_a: list[dict], corr_b: list[dict]) -> tuple[str, str] | Non
     return common[0] if common else None
 
 
+def _fresh(target: Path, sources: list[Path]) -> bool:
+    """A figure is a pure function of its tables: it is current when newer than every one of them."""
+    return target.exists() and all(target.stat().st_mtime_ns >= s.stat().st_mtime_ns for s in sources if s.exists())
+
+
 def make_figures(run_dir, other_run_dir=None, *, dpi: int = DPI) -> list[Path]:
-    """Every figure of a run into its figures/ folder; returns the paths written.
+    """Every figure of a run into its figures/ folder; returns their paths.
 
     One grid per (method, rule) in correlations.csv; the |Δ| distribution and per-block
     plots when deltas_hist.csv / deltas_blocks.csv exist; with a second run, the pair
-    figure (the paper's Figure 1) named after that run.
+    figure (the paper's Figure 1) named after that run. A figure newer than the tables it
+    is drawn from is kept, so `correlate` then `report` draws each figure once.
     """
     paths = RunPaths(Path(run_dir))
     t = _run_tables(run_dir)
     labels = model_labels(t["deltas"])
-    out = [
-        grid_figure(t["deltas"], t["metrics"], t["corr"], method, rule, grid_png(paths.figures, method, rule), title=_title(t["name"], t["dataset"]), dpi=dpi)
-        for method, rule in method_rules(t["corr"])
-    ]
+    tables = [paths.deltas, paths.metrics, paths.correlations]
+    out = []
+    for method, rule in method_rules(t["corr"]):
+        target = grid_png(paths.figures, method, rule)
+        if not _fresh(target, tables):
+            grid_figure(t["deltas"], t["metrics"], t["corr"], method, rule, target, title=_title(t["name"], t["dataset"]), dpi=dpi)
+        out.append(target)
     if paths.deltas_hist.exists():
-        out.append(delta_distribution_figure(read_csv(paths.deltas_hist), distribution_png(paths.figures), labels=labels, dpi=dpi))
+        target = distribution_png(paths.figures)
+        if not _fresh(target, [paths.deltas_hist, paths.deltas]):
+            delta_distribution_figure(read_csv(paths.deltas_hist), target, labels=labels, dpi=dpi)
+        out.append(target)
     if paths.deltas_blocks.exists():
-        out.append(block_figure(read_csv(paths.deltas_blocks), blocks_png(paths.figures), labels=labels, dpi=dpi))
+        target = blocks_png(paths.figures)
+        if not _fresh(target, [paths.deltas_blocks, paths.deltas]):
+            block_figure(read_csv(paths.deltas_blocks), target, labels=labels, dpi=dpi)
+        out.append(target)
     if other_run_dir is not None:
-        choice = pair_choice(t["corr"], read_csv(RunPaths(Path(other_run_dir)).correlations))
+        other = RunPaths(Path(other_run_dir))
+        choice = pair_choice(t["corr"], read_csv(other.correlations))
         if choice is not None:
             target = pair_png(paths.figures, run_name(other_run_dir))
-            out.append(pair_figure(run_dir, other_run_dir, target, *choice, dpi=dpi))
+            if not _fresh(target, tables + [other.deltas, other.metrics, other.correlations]):
+                pair_figure(run_dir, other_run_dir, target, *choice, dpi=dpi)
+            out.append(target)
     return out

@@ -103,30 +103,29 @@ def correlate(run_dirs: list[str | Path]) -> list[RunPaths]:
 
     if not 1 <= len(run_dirs) <= 2:
         raise UserError(f"correlate takes one or two runs, got {len(run_dirs)}; pass --run A [--run B]")
-    out = []
-    for rd in run_dirs:
-        paths = RunPaths(Path(rd))
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    out = [RunPaths(Path(rd)) for rd in run_dirs]
+    for paths in out:
         rows = correlation_rows(read_csv(paths.deltas), read_csv(paths.metrics), dataset_name(paths.root))
         write_csv(paths.correlations, rows, CORRELATION_COLUMNS)
-        out.append(paths)
-        cfg = run_config(paths.root)
-        update_manifest(paths, cfg, "correlate", time.perf_counter() - t0)
     if len(out) == 2:
         a, b = out
         rows = sign_agreement_rows(read_csv(a.correlations), read_csv(b.correlations), dataset_name(a.root), dataset_name(b.root))
         for p in out:
             write_csv(p.sign_agreement, rows, SIGN_COLUMNS)
-    figures.make_figures(out[0].root, out[1].root if len(out) == 2 else None)
-    if len(out) == 2:
-        figures.make_figures(out[1].root, out[0].root)
+    for i, paths in enumerate(out):
+        figures.make_figures(paths.root, out[1 - i].root if len(out) == 2 else None)
+        update_manifest(paths, run_config(paths.root), "correlate", time.perf_counter() - t0)
     return out
 
 
 def report(run_dir: str | Path, other: str | Path | None = None) -> Path:
     from .reporting import write_report
 
-    return write_report(Path(run_dir), Path(other) if other else None)
+    t0 = time.perf_counter()
+    path = write_report(Path(run_dir), Path(other) if other else None)
+    update_manifest(RunPaths(Path(run_dir)), run_config(run_dir), "report", time.perf_counter() - t0)
+    return path
 
 
 def run(cfg: Config, force: bool = False) -> RunPaths:
