@@ -78,15 +78,24 @@ def seeded_build(arch: str, num_outputs: int, seed: int) -> nn.Module:
 
 
 def with_head(arch: str, base_state: dict[str, torch.Tensor], num_outputs: int, seed: int) -> nn.Module:
-    """The base backbone with a new seeded head of `num_outputs` outputs."""
-    model = seeded_build(arch, num_outputs, seed)
-    backbone = {k: v for k, v in base_state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    """The base backbone with a new head of `num_outputs` outputs, its init drawn from `seed`.
+
+    The skeleton is built on the meta device (no random init of the backbone, which the
+    base weights replace anyway) and the backbone tensors are copied in; only the head
+    is initialised, as nn.Linear does.
+    """
+    with torch.device("meta"):
+        model = build(arch, num_outputs)
+    backbone = {k: v.clone() for k, v in base_state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.load_state_dict(backbone, strict=False, assign=True)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise UserError(
             f"base weights do not fit {arch} (missing {missing[:2]}, unexpected {unexpected[:2]}); give a checkpoint of the same architecture"
         )
+    with _INIT_LOCK:
+        torch.manual_seed(seed)
+        model.fc = nn.Linear(model.fc.in_features, num_outputs)
     return model
 
 

@@ -8,9 +8,11 @@ weights in every one), then each trains its own tail on its own rows, order and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing as mp
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -96,8 +98,12 @@ def _bce(pos_weight: float):
 
 def train_group(
     cfg: Config, classes: list[int], base: dict[str, torch.Tensor], data: Data, images: torch.Tensor, rt: Runtime, paths: RunPaths
-) -> None:
-    """Train specialists with one freeze point and augmentation, sharing the frozen prefix's pass."""
+) -> list[Callable[[], None]]:
+    """Train specialists with one freeze point and augmentation, sharing the frozen prefix's pass.
+
+    Returns one writer per specialist (checkpoint, then its completion marker), for the
+    caller to run off the training path.
+    """
     freeze, augment = _group_key(cfg.strategy(classes[0]))
     members = []
     for c in classes:
@@ -113,23 +119,25 @@ def train_group(
     t0 = time.perf_counter()
     fit_group(members, freeze, augment, images, rt, cfg.eval.batch_size, AUG_SEED)
     seconds = time.perf_counter() - t0
-    for m in members:
-        save_tensors(paths.specialist(m.name), m.model.state_dict())
-        write_json(  # the completion marker, written last
-            paths.specialist_log(m.name),
-            {
-                "config_hash": specialist_hash(cfg, m.name),
-                "class": m.name,
-                "freeze": freeze,
-                "augment": list(augment),
-                "n_images": len(m.idx),
-                "n_positive": int(m.targets.sum()),
-                "trained_parameters": models.n_trainable(m.model),
-                "loss_per_epoch": m.losses,
-                "group": sorted(classes),
-                "group_seconds": seconds,
-            },
-        )
+    return [functools.partial(_save_specialist, cfg, paths, m, freeze, augment, classes, seconds) for m in members]
+
+
+def _save_specialist(cfg: Config, paths: RunPaths, m: Member, freeze: str, augment: tuple, classes: list[int], seconds: float) -> None:
+    """The checkpoint, then its completion marker (written last)."""
+    save_tensors(paths.specialist(m.name), m.model.state_dict())
+    log = {
+        "config_hash": specialist_hash(cfg, m.name),
+        "class": m.name,
+        "freeze": freeze,
+        "augment": list(augment),
+        "n_images": len(m.idx),
+        "n_positive": int(m.targets.sum()),
+        "trained_parameters": models.n_trainable(m.model),
+        "loss_per_epoch": m.losses,
+        "group": sorted(classes),
+        "group_seconds": seconds,
+    }
+    write_json(paths.specialist_log(m.name), log)
 
 
 def pending(cfg: Config, paths: RunPaths, force: bool) -> list[int]:
@@ -156,21 +164,27 @@ def train_specialists(cfg: Config, paths: RunPaths, classes: list[int], data: Da
         groups.setdefault(_group_key(cfg.strategy(c)), []).append(c)
     images = images_on(rt, data.train.images)  # once, shared by every group
     lanes = cpu_lanes(rt, len(groups))
-    if lanes == 1:
-        for group in tqdm(groups.values(), desc="specialist groups", leave=False):
-            train_group(cfg, group, base, data, images, rt, paths)
-        return
-    # CPU: groups in parallel threads (torch releases the GIL inside its kernels), largest first
-    threads = torch.get_num_threads()
-    order = assign(cfg, [c for g in groups.values() for c in g], len(groups))  # groups, costliest first
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=lanes) as pool:
-            futures = [pool.submit(train_group, cfg, g, base, data, images, rt, paths) for g in order]
-            for f in tqdm(futures, desc=f"specialist groups ({lanes} CPU lanes)", leave=False):
-                f.result()  # re-raises a lane's error here
-    finally:
-        torch.set_num_threads(threads)
+    # checkpoints are written by a background thread while the next group trains; each
+    # writer saves its checkpoint before its marker, so a crash leaves no false completion
+    with ThreadPoolExecutor(max_workers=1) as saver:
+        saves: list[Future] = []
+        if lanes == 1:
+            for group in tqdm(groups.values(), desc="specialist groups", leave=False):
+                saves += [saver.submit(w) for w in train_group(cfg, group, base, data, images, rt, paths)]
+        else:
+            # CPU: groups in parallel threads (torch releases the GIL inside its kernels), costliest first
+            threads = torch.get_num_threads()
+            order = assign(cfg, [c for g in groups.values() for c in g], len(groups))
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(max_workers=lanes) as pool:
+                    futures = [pool.submit(train_group, cfg, g, base, data, images, rt, paths) for g in order]
+                    for f in tqdm(futures, desc=f"specialist groups ({lanes} CPU lanes)", leave=False):
+                        saves += [saver.submit(w) for w in f.result()]  # re-raises a lane's error here
+            finally:
+                torch.set_num_threads(threads)
+        for f in saves:
+            f.result()  # re-raises a writer's error
 
 
 def _worker(cfg: Config, root: str, classes: list[int], device: str) -> None:
