@@ -2,7 +2,6 @@
 resume after an interruption (simulated and a real kill -9), merges against an
 independent reimplementation, and the multi-device worker path on the CPU."""
 
-import json
 import os
 import shutil
 import signal

@@ -12,7 +12,6 @@ Why it is fast (DESIGN.md "Speed"):
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -64,6 +63,8 @@ def resolve_runtime(rc: RuntimeConfig, device: str | None = None) -> Runtime:
         torch.set_num_threads(rc.threads)
     dev = torch.device(name)
     if dev.type == "cuda":
+        if dev.index is None:  # tensors report cuda:N; compare like with like
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -72,12 +73,21 @@ def resolve_runtime(rc: RuntimeConfig, device: str | None = None) -> Runtime:
 
 def images_on(rt: Runtime, images: torch.Tensor) -> torch.Tensor:
     """Keep the uint8 cache on the device when it fits comfortably (under a third of free memory)."""
+    if images.device == rt.device:
+        return images  # already there
     if rt.cuda:
         free, _ = torch.cuda.mem_get_info(rt.device)
         if images.numel() < free / 3:
             return images.to(rt.device)
         return images.pin_memory()
     return images
+
+
+def data_on(rt: Runtime, data):
+    """The dataset with every split's uint8 images moved to the device once (images_on is then a no-op)."""
+    import dataclasses
+
+    return dataclasses.replace(data, **{k: dataclasses.replace(getattr(data, k), images=images_on(rt, getattr(data, k).images)) for k in ("train", "val", "test")})
 
 
 def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: float, rt: Runtime):
@@ -150,9 +160,8 @@ def run_prefix(
 @torch.no_grad()
 def logits(model: nn.Module, images: torch.Tensor, rt: Runtime, batch_size: int) -> torch.Tensor:
     """Outputs of a whole model in eval mode over all images, float32 on the CPU."""
-    model.eval()
-    idx = torch.arange(len(images))
-    return run_prefix(model, images, idx, rt, batch_size).float().cpu()
+    model = rt.prepare(model).eval()
+    return run_prefix(model, images, torch.arange(len(images)), rt, batch_size).float().cpu()
 
 
 @dataclass
@@ -212,20 +221,3 @@ def fit_group(
                 get_input = lambda b, idx=idx: rt.input(images[idx[b].to(images.device)], aug.take(params, idx[b]) if params else None)
             order = epoch_order(len(rows), m.hp.seed, epoch)
             m.losses.append(train_one_epoch(step_tail, get_input, targets, order, m.hp.batch_size, m.loss_fn, opt, rt, sched))
-
-
-class Timer:
-    """Wall time of named phases, synchronising CUDA so that times are real."""
-
-    def __init__(self, rt: Runtime | None = None):
-        self.rt, self.times = rt, {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        if self.rt is not None and self.rt.cuda:
-            torch.cuda.synchronize(self.rt.device)
-        t0 = time.perf_counter()
-        yield
-        if self.rt is not None and self.rt.cuda:
-            torch.cuda.synchronize(self.rt.device)
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0

@@ -20,7 +20,7 @@ from . import models
 from .config import Config, config_hash
 from .data import Data, load_data
 from .distillation import train_student
-from .engine import Runtime, images_on, resolve_runtime, run_prefix
+from .engine import Runtime, data_on, images_on, logits, resolve_runtime, run_prefix
 from .errors import UserError
 from .merging import MERGE_METHODS, merge, recalibrate_bn
 from .paths import RunPaths, is_done
@@ -92,11 +92,6 @@ def specialist_logits(cfg: Config, paths: RunPaths, images: torch.Tensor, rt: Ru
     return out
 
 
-def whole_logits(model: nn.Module, images: torch.Tensor, rt: Runtime, batch_size: int) -> torch.Tensor:
-    model = rt.prepare(model).eval()
-    return run_prefix(model, images, torch.arange(len(images)), rt, batch_size).float().cpu()
-
-
 # ----------------------------------------------------------------------------- merging
 
 
@@ -142,7 +137,7 @@ def merge_method(cfg: Config, paths: RunPaths, method: str, base: dict, data: Da
         val_images = images_on(rt, data.val.images)
         scores = {}
         for lam in cfg.merge.lambda_grid:  # validation accuracy, never the test split
-            z = whole_logits(merged_model(cfg, paths, base, delta, lam, heads, data, images, rt), val_images, rt, cfg.eval.batch_size)
+            z = logits(merged_model(cfg, paths, base, delta, lam, heads, data, images, rt), val_images, rt, cfg.eval.batch_size)
             scores[lam] = float((z.argmax(1) == data.val.labels).float().mean())
         lam_cfg = max(scores, key=lambda x: (scores[x], -abs(x - 1.0)))  # ties go to the scale nearer 1
         info["val_accuracy_per_lambda"] = scores
@@ -204,9 +199,10 @@ def evaluate(cfg: Config, paths: RunPaths, methods: list[str] | None = None, for
     t_stage = time.perf_counter()
     times: dict[str, float] = {}
     rt = resolve_runtime(cfg.runtime)
-    data = load_data(cfg.data, cfg.num_classes)
+    data = data_on(rt, load_data(cfg.data, cfg.num_classes))  # on the device once for every stage below
     base = base_state(cfg, paths)
     labels = data.test.labels.numpy()
+    test_images = images_on(rt, data.test.images)  # once: every method scores the same images
     save_tensors(paths.scores("labels"), {"labels": data.test.labels})
     lambdas = {}
 
@@ -214,7 +210,7 @@ def evaluate(cfg: Config, paths: RunPaths, methods: list[str] | None = None, for
     h = method_hash(cfg, "ensemble")
     if force or _hash_of(paths.scores("specialists")) != h:
         t0 = time.perf_counter()
-        _save_scores(paths.scores("specialists"), specialist_logits(cfg, paths, images_on(rt, data.test.images), rt), h)
+        _save_scores(paths.scores("specialists"), specialist_logits(cfg, paths, test_images, rt), h)
         times["score_specialists"] = time.perf_counter() - t0
     # 2. merged networks
     for method in [m for m in methods if m in MERGE_METHODS]:
@@ -224,7 +220,7 @@ def evaluate(cfg: Config, paths: RunPaths, methods: list[str] | None = None, for
         t0 = time.perf_counter()
         model, lam, info = merge_method(cfg, paths, method, base, data, rt)
         save_tensors(paths.merged(method), model.state_dict(), metadata={"config_hash": h, "lambda": str(lam)})
-        _save_scores(paths.scores(method), whole_logits(model, images_on(rt, data.test.images), rt, cfg.eval.batch_size), h, **{"lambda": lam})
+        _save_scores(paths.scores(method), logits(model, test_images, rt, cfg.eval.batch_size), h, **{"lambda": lam})
         lambdas[method] = info
         times[f"merge_{method}"] = time.perf_counter() - t0
     # 3. distillation
@@ -241,7 +237,7 @@ def evaluate(cfg: Config, paths: RunPaths, methods: list[str] | None = None, for
             write_json(paths.student_log, {"config_hash": h, **log})
             student = models.build(cfg.model.arch, cfg.num_classes)
             student.load_state_dict(state)
-            _save_scores(paths.scores("distill"), whole_logits(student, images_on(rt, data.test.images), rt, cfg.eval.batch_size), h)
+            _save_scores(paths.scores("distill"), logits(student, test_images, rt, cfg.eval.batch_size), h)
             times["distill"] = time.perf_counter() - t0
 
     # 4. tables: cheap, always rebuilt from the saved scores and checkpoints

@@ -12,7 +12,7 @@ from pathlib import Path
 from . import evaluation
 from .config import Config, load_config
 from .data import load_data
-from .engine import resolve_runtime
+from .engine import data_on, resolve_runtime
 from .errors import UserError
 from .paths import LAST_POINTER, RunPaths
 from .provenance import update_manifest, write_config
@@ -69,7 +69,7 @@ def train(cfg: Config, force: bool = False) -> RunPaths:
     paths = RunPaths(cfg.run_dir)
     t0 = time.perf_counter()
     rt = resolve_runtime(cfg.runtime)
-    data = load_data(cfg.data, cfg.num_classes)
+    data = data_on(rt, load_data(cfg.data, cfg.num_classes))  # on the device once for pretraining and every group
     # only now that the data is there: a failed start must not overwrite an existing run's config
     paths.root.mkdir(parents=True, exist_ok=True)
     write_config(paths, cfg)
