@@ -137,13 +137,6 @@ def warm_up(cfg, rt) -> None:
 # ----------------------------------------------------------------------------- training, two ways
 
 
-def groups_of(cfg, classes: list[int]) -> dict[tuple, list[int]]:
-    out: dict[tuple, list[int]] = {}
-    for c in classes:
-        out.setdefault(training._group_key(cfg.strategy(c)), []).append(c)
-    return out
-
-
 def images_trained(cfg, data, c: int) -> int:
     """Training images specialist c processes: its one-vs-rest rows times its epochs."""
     return len(one_vs_rest(data.train.labels, c, cfg.data.negatives, cfg.data.split_seed).indices) * cfg.strategy(c).epochs
@@ -185,7 +178,7 @@ def compare_training(cfg, data, rt, classes, root: Path, workers: int, repeat: i
         print(s, flush=True)
 
     total_n, total_e, total_p = 0, 0.0, 0.0
-    for key, group in groups_of(cfg, classes).items():
+    for key, group in training.groups_of(cfg, classes).items():
         run_engine = lambda: training.train_specialists(cfg, paths, group, data_dev, rt)
         run_plain = lambda: [plain.train_specialist_plain(cfg, base, data, c, rt.device, workers) for c in group]
         e_times, p_times = [], []
@@ -205,7 +198,7 @@ def compare_training(cfg, data, rt, classes, root: Path, workers: int, repeat: i
     line("sum of the groups", "", total_n, total_e, total_p if with_plain else None)
     # how `train` really runs them: every group in one call (on a CPU, groups side by side, one core each)
     whole = min(timed(rt, lambda: training.train_specialists(cfg, paths, classes, data_dev, rt), log) for _ in range(repeat))
-    lanes = training.cpu_lanes(rt, len(groups_of(cfg, classes)))
+    lanes = training.cpu_lanes(rt, len(training.groups_of(cfg, classes)))
     line(f"all at once ({lanes} lane{'s' if lanes > 1 else ''})", "", total_n, whole, total_p if with_plain else None)
     print(f"(best of {repeat}; engine: train_specialists, checkpoints saved; plain: one specialist at a time, {workers} DataLoader workers)")
     if with_plain:

@@ -308,4 +308,9 @@ def config_hash(cfg: Config, *, sections: tuple[str, ...] | None = None) -> str:
     d["runtime"] = {}  # where it runs does not change what it computes (up to float noise)
     if sections is not None:
         d = {k: d[k] for k in sections}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return hash_of(d)
+
+
+def hash_of(obj: Any) -> str:
+    """A short stable hash of plain data (dicts, lists, numbers, strings)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -92,10 +92,6 @@ def evaluate(run_dir: str | Path, methods: list[str] | None = None, force: bool 
     return paths
 
 
-def dataset_name(run_dir: Path) -> str:
-    return run_config(run_dir).data.name
-
-
 def correlate(run_dirs: list[str | Path]) -> list[RunPaths]:
     """correlations.csv (and figures) for each run; with two runs, the sign agreement of their fits."""
     from . import figures
@@ -105,17 +101,18 @@ def correlate(run_dirs: list[str | Path]) -> list[RunPaths]:
         raise UserError(f"correlate takes one or two runs, got {len(run_dirs)}; pass --run A [--run B]")
     t0 = time.perf_counter()
     out = [RunPaths(Path(rd)) for rd in run_dirs]
-    for paths in out:
-        rows = correlation_rows(read_csv(paths.deltas), read_csv(paths.metrics), dataset_name(paths.root))
+    cfgs = [run_config(p.root) for p in out]  # also checks each is a run directory
+    for paths, cfg in zip(out, cfgs):
+        rows = correlation_rows(read_csv(paths.deltas), read_csv(paths.metrics), cfg.data.name)
         write_csv(paths.correlations, rows, CORRELATION_COLUMNS)
     if len(out) == 2:
-        a, b = out
-        rows = sign_agreement_rows(read_csv(a.correlations), read_csv(b.correlations), dataset_name(a.root), dataset_name(b.root))
+        (a, b), (ca, cb) = out, cfgs
+        rows = sign_agreement_rows(read_csv(a.correlations), read_csv(b.correlations), ca.data.name, cb.data.name)
         for p in out:
             write_csv(p.sign_agreement, rows, SIGN_COLUMNS)
-    for i, paths in enumerate(out):
+    for i, (paths, cfg) in enumerate(zip(out, cfgs)):
         figures.make_figures(paths.root, out[1 - i].root if len(out) == 2 else None)
-        update_manifest(paths, run_config(paths.root), "correlate", time.perf_counter() - t0)
+        update_manifest(paths, cfg, "correlate", time.perf_counter() - t0)
     return out
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import models
-from .config import Config, Strategy, config_hash
+from .config import Config, Strategy, config_hash, hash_of
 from .data import Data, one_vs_rest
 from .engine import Member, Runtime, fit_group, images_on, resolve_runtime
 from .errors import UserError
@@ -39,10 +39,7 @@ def base_hash(cfg: Config) -> str:
 
 def specialist_hash(cfg: Config, c: int) -> str:
     """Specialist c depends on the base, the data and its own strategy only."""
-    return base_hash(cfg) + "-" + config_hash(
-        Config(strategies=[cfg.strategy(c)], data=cfg.data, model=cfg.model, pretrain=cfg.pretrain, num_classes=cfg.num_classes),
-        sections=("strategies",),
-    )
+    return base_hash(cfg) + "-" + hash_of({"strategies": [dataclasses.asdict(cfg.strategy(c))]})
 
 
 def pretrain_base(cfg: Config, data: Data, rt: Runtime) -> tuple[dict[str, torch.Tensor], list[float]]:
@@ -85,6 +82,20 @@ def base_state(cfg: Config, paths: RunPaths, data: Data | None = None, rt: Runti
 
 def _group_key(s: Strategy) -> tuple:
     return (s.freeze, tuple(sorted(s.augment)))
+
+
+def groups_of(cfg: Config, classes: list[int]) -> dict[tuple, list[int]]:
+    """Classes by (freeze, augment): the specialists that share one prefix pass."""
+    groups: dict[tuple, list[int]] = {}
+    for c in classes:
+        groups.setdefault(_group_key(cfg.strategy(c)), []).append(c)
+    return groups
+
+
+def cost(cfg: Config, classes: list[int]) -> int:
+    """Rough relative training cost of some specialists (per image: head 1 ... full 6, times epochs)."""
+    per_image = {"head": 1, "layer4": 2, "layer3": 3, "full": 6}
+    return sum(per_image[cfg.strategy(c).freeze] * cfg.strategy(c).epochs for c in classes)
 
 
 def _bce(pos_weight: float):
@@ -159,9 +170,7 @@ def cpu_lanes(rt: Runtime, n_groups: int) -> int:
 def train_specialists(cfg: Config, paths: RunPaths, classes: list[int], data: Data, rt: Runtime) -> None:
     """Train the given classes' specialists on one device, grouped by (freeze, augment)."""
     base = base_state(cfg, paths)
-    groups: dict[tuple, list[int]] = {}
-    for c in classes:
-        groups.setdefault(_group_key(cfg.strategy(c)), []).append(c)
+    groups = groups_of(cfg, classes)
     images = images_on(rt, data.train.images)  # once, shared by every group
     lanes = cpu_lanes(rt, len(groups))
     # checkpoints are written by a background thread while the next group trains; each
@@ -174,7 +183,7 @@ def train_specialists(cfg: Config, paths: RunPaths, classes: list[int], data: Da
         else:
             # CPU: groups in parallel threads (torch releases the GIL inside its kernels), costliest first
             threads = torch.get_num_threads()
-            order = assign(cfg, [c for g in groups.values() for c in g], len(groups))
+            order = sorted(groups.values(), key=lambda g: cost(cfg, g), reverse=True)
             torch.set_num_threads(1)
             try:
                 with ThreadPoolExecutor(max_workers=lanes) as pool:
@@ -204,17 +213,13 @@ def assign(cfg: Config, classes: list[int], n_devices: int) -> list[list[int]]:
     Whole (freeze, augment) groups move together when there are enough groups to go
     round, so they keep sharing their prefix pass; otherwise specialists move singly.
     """
-    cost = {"head": 1, "layer4": 2, "layer3": 3, "full": 6}  # rough relative cost per image and epoch
-    groups: dict[tuple, list[int]] = {}
-    for c in classes:
-        groups.setdefault(_group_key(cfg.strategy(c)), []).append(c)
+    groups = groups_of(cfg, classes)
     units = list(groups.values()) if len(groups) >= n_devices else [[c] for c in classes]
-    weight = lambda unit: sum(cost[cfg.strategy(c).freeze] * cfg.strategy(c).epochs for c in unit)
     shares, load = [[] for _ in range(n_devices)], [0] * n_devices
-    for unit in sorted(units, key=weight, reverse=True):
+    for unit in sorted(units, key=lambda u: cost(cfg, u), reverse=True):
         d = load.index(min(load))
         shares[d] += unit
-        load[d] += weight(unit)
+        load[d] += cost(cfg, unit)
     return [sorted(s) for s in shares if s]
 
 
