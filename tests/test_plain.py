@@ -64,7 +64,7 @@ def fast_run(tmp_path_factory, one_thread):
 def test_plain_recipe_matches_engine_scores(fast_run, c):
     cfg, paths, data, base, fast_scores = fast_run
     assert cfg.strategy(c).freeze == FREEZES[c]
-    state, losses = plain.train_specialist_plain(cfg, base, data, c, "cpu", num_workers=0, fused=True)
+    state, losses = plain.train_specialist_plain(cfg, base, data, c, "cpu", num_workers=0, engine_kernels=True)
     model = models.build(cfg.model.arch, 1)
     model.load_state_dict(state)
     scores = plain.score_plain(model, data.test.images, "cpu", batch_size=64, num_workers=0)

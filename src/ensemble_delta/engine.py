@@ -6,7 +6,9 @@ Why it is fast (DESIGN.md "Speed"):
 - a frozen prefix (everything before the first trainable block) runs once per image and
   augmented view, and its output feeds every specialist with the same freeze and
   augmentation; without augmentation it runs once for all epochs;
-- on CUDA: bf16 autocast, channels_last, fused optimizers, optional torch.compile.
+- on CUDA: bf16 autocast, channels_last, fused optimizers, optional torch.compile;
+- on CPU: convolutions with a one-pixel output (layer4 at 32 px) as one matrix product,
+  the same arithmetic without oneDNN's slow backward for that shape (models.WindowConv2d).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class Runtime:
         model = model.to(self.device)
         if self.cuda and self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if not self.cuda:
+            models.use_window_convs(model)  # oneDNN's slow backward on one-pixel outputs (models.WindowConv2d)
         return model
 
     def input(self, images_u8: torch.Tensor, params: dict | None = None) -> torch.Tensor:

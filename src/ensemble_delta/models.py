@@ -12,6 +12,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -131,3 +132,45 @@ def n_trainable(module: nn.Module) -> int:
 def stack_heads(heads: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """K binary heads (weight [1, D], bias [1]) as one K-output linear layer, under torchvision's fc keys."""
     return {"fc.weight": torch.cat([w for w, _ in heads]), "fc.bias": torch.cat([b for _, b in heads])}
+
+
+class WindowConv2d(nn.Conv2d):
+    """A Conv2d that computes a one-pixel output as one matrix product over the taps that touch the input.
+
+    Why: at the offline default's 32 px, ResNet's layer4 sees 2x2 and 1x1 maps, so all its
+    convolutions output a single pixel. oneDNN's CPU backward for a 3x3 kernel on a 1x1
+    map is 10-30x slower than its forward (it does not skip the taps that only meet
+    padding), and layer4 took over half of a full fine-tuning step. A single output pixel
+    is a linear layer over the input window, so this is the same convolution, exactly:
+    the taps that meet only padding multiply zeros, and autograd gives them exactly zero
+    gradient, as the convolution's own backward does. Any other shape runs the usual
+    kernel. Parameters and state-dict keys are the Conv2d's (tests/test_models.py).
+    """
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        window = self._single_output_window(x.shape[-2:])
+        if window is None:
+            return super()._conv_forward(x, weight, bias)
+        (i0, i1), (j0, j1) = window
+        (ph, pw) = self.padding
+        patch = x[:, :, i0 - ph : i1 - ph, j0 - pw : j1 - pw]  # the input under taps [i0, i1) x [j0, j1)
+        return F.linear(patch.flatten(1), weight[:, :, i0:i1, j0:j1].flatten(1), bias)[:, :, None, None]
+
+    def _single_output_window(self, hw: torch.Size) -> tuple[tuple[int, int], ...] | None:
+        """The kernel taps [start, stop) per axis that overlap the input, when the output is one pixel; else None."""
+        if self.groups != 1 or self.padding_mode != "zeros" or self.dilation != (1, 1) or isinstance(self.padding, str):
+            return None
+        window = []
+        for n, k, s, p in zip(hw, self.kernel_size, self.stride, self.padding):
+            if n + 2 * p - k >= s:  # more than one output position along this axis
+                return None
+            window.append((p, min(k, n + p)))  # output 0 reads padded positions 0..k-1, i.e. input rows -p..k-1-p
+        return tuple(window)
+
+
+def use_window_convs(model: nn.Module) -> nn.Module:
+    """Every plain Conv2d of `model` computes one-pixel outputs as a matrix product (see WindowConv2d); in place."""
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = WindowConv2d  # same parameters, buffers and keys; only _conv_forward differs
+    return model

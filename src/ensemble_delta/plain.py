@@ -106,12 +106,13 @@ def train_specialist_plain(
     c: int,
     device: str | torch.device = "cpu",
     num_workers: int = DEFAULT_WORKERS,
-    fused: bool = False,
+    engine_kernels: bool = False,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train class c's specialist the plain way; returns (state dict on the CPU, mean loss per epoch).
 
-    `fused` picks the engine's optimizer kernels instead of torch's default, so a test can
-    compare the two paths as one computation; the benchmark keeps the default a user gets.
+    `engine_kernels` picks the engine's kernels instead of torch's defaults (fused
+    optimizers; on the CPU, models.WindowConv2d), which round differently, so a test can
+    compare the two paths as one computation; the benchmark keeps the defaults a user gets.
     """
     s, device = cfg.strategy(c), torch.device(device)
     seed = s.seed + c  # as training.train_group
@@ -126,11 +127,13 @@ def train_specialist_plain(
         pin_memory=device.type == "cuda",
     )
     model = models.with_head(cfg.model.arch, base_state, 1, seed=seed).to(device)
+    if engine_kernels and device.type == "cpu":
+        models.use_window_convs(model)
     frozen = frozen_children(model, s.freeze)
     for m in frozen:
         m.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    kernels = {"fused": True} if fused else {}
+    kernels = {"fused": True} if engine_kernels else {}
     if s.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, **kernels)
     else:
