@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ensemble_delta import augment as aug
 from ensemble_delta import engine, evaluation, models, plain, training
 from ensemble_delta.config import RuntimeConfig, Strategy, from_dict
 from ensemble_delta.data import load_data
@@ -124,7 +125,8 @@ def _members(freeze: str, epochs=(3, 2)) -> list[engine.Member]:
     "freeze, augment, expected",
     [
         ("head", [], 1),  # frozen backbone, fixed views: features once for all epochs
-        ("head", ["flip"], 3),  # new views each epoch: once per epoch (3 = the longest member)
+        ("head", ["flip"], 2),  # flip alone over 3 epochs (the longest member): both views once
+        ("head", ["crop"], 3),  # new views each epoch: once per epoch
         ("layer4", [], 1),
         ("layer4", ["crop", "color"], 3),
         ("full", [], 0),  # nothing frozen: nothing to cache
@@ -140,3 +142,24 @@ def test_prefix_runs_once_per_view_and_only_when_frozen(prefix_calls, freeze, au
     assert len(prefix_calls) == expected
     assert all(n == 36 for n in prefix_calls)  # one pass over the union of the members' rows serves both
     assert [len(m.losses) for m in members] == [3, 2]
+
+
+@pytest.mark.parametrize("epochs, passes", [(1, 1), (2, 2), (3, 2), (5, 2)])
+def test_two_flip_views_give_each_epochs_features(prefix_calls, epochs, passes):
+    """Flip alone: the features PrefixFeatures picks per epoch are those of a pass over that epoch's views."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (30, 3, 16, 16), dtype=torch.uint8)
+    rt = engine.resolve_runtime(RuntimeConfig(device="cpu"))
+    prefix, _ = models.freeze(rt.prepare(models.build("resnet18", 1)), "layer4")
+    rows = torch.tensor([0, 3, 4, 8, 15, 16, 22, 29])
+    shared = engine.PrefixFeatures(prefix, images, rows, ["flip"], epochs, rt, batch_size=5)
+    assert shared.two_views == (epochs > 2)
+    for epoch in range(epochs):
+        params = aug.draw_params(len(images), ["flip"], seed=3, epoch=epoch)
+        got = shared.for_epoch(params)
+        calls = len(prefix_calls)
+        want = engine.run_prefix(prefix, images, rows, rt, 5, params)
+        del prefix_calls[calls:]  # the reference pass is not the engine's
+        assert params["flip"][rows].any() and not params["flip"][rows].all()  # both views in play
+        assert torch.equal(got, want)  # the same per-image arithmetic: bit for bit
+    assert len(prefix_calls) == passes

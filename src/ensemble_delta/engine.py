@@ -168,6 +168,42 @@ def logits(model: nn.Module, images: torch.Tensor, rt: Runtime, batch_size: int)
     return run_prefix(model, images, torch.arange(len(images)), rt, batch_size).float().cpu()
 
 
+class PrefixFeatures:
+    """A frozen prefix's outputs over a group's rows, computed as few times as the views allow.
+
+    Without augmentation the views never change: one pass for all epochs. Flip alone has
+    two views per image: past two epochs, both are computed once and each epoch picks
+    its view per image (`torch.where`), which is what a pass over that epoch's views
+    gives. Otherwise one pass per epoch. Nothing frozen: no features (None).
+    """
+
+    def __init__(self, prefix: nn.Module, images: torch.Tensor, rows: torch.Tensor, augment, epochs: int, rt: Runtime, batch_size: int):
+        self.prefix, self.images, self.rows, self.rt, self.batch_size = prefix, images, rows, rt, batch_size
+        self.frozen = len(prefix) > 0
+        self.two_views = tuple(augment) == ("flip",) and epochs > 2
+        self._fixed: torch.Tensor | None = None  # the one view without augmentation
+        self._views: list[torch.Tensor] | None = None  # unflipped and flipped, for flip alone
+
+    def _run(self, params: dict | None) -> torch.Tensor:
+        return run_prefix(self.prefix, self.images, self.rows, self.rt, self.batch_size, params)
+
+    def for_epoch(self, params: dict | None) -> torch.Tensor | None:
+        if not self.frozen:
+            return None
+        if not params:
+            if self._fixed is None:
+                self._fixed = self._run(None)
+            return self._fixed
+        if not self.two_views:
+            return self._run(params)
+        if self._views is None:
+            n = len(self.images)
+            self._views = [self._run({"flip": torch.full((n,), flipped)}) for flipped in (False, True)]
+        plain, flipped = self._views
+        pick = params["flip"][self.rows].to(plain.device).view(-1, *[1] * (plain.dim() - 1))
+        return torch.where(pick, flipped, plain)
+
+
 @dataclass
 class Member:
     """One model trained in a group: its rows of the training split, targets, loss and hyperparameters.
@@ -189,11 +225,12 @@ class Member:
 def fit_group(
     members: list[Member], freeze: str, augment: list[str] | tuple[str, ...], images: torch.Tensor, rt: Runtime, prefix_batch: int, aug_seed: int
 ) -> None:
-    """Train members that share a freeze point and augmentation, with one prefix pass per epoch.
+    """Train members that share a freeze point and augmentation, with one prefix pass per view.
 
     Every member's frozen prefix holds the same (base) weights, so the first one's prefix
-    output over the union of their rows feeds them all. Without augmentation it is
-    computed once for all epochs. Views depend only on (aug_seed, epoch, image).
+    output over the union of their rows feeds them all (PrefixFeatures: once for all
+    epochs without augmentation, two views for flip alone, else once per epoch). Views
+    depend only on (aug_seed, epoch, image).
     """
     union = torch.unique(torch.cat([m.idx for m in members]))
     parts = []
@@ -207,18 +244,16 @@ def fit_group(
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=steps, pct_start=0.25) if m.one_cycle else None
         rows = torch.searchsorted(union, m.idx)  # the member's rows in the union
         parts.append((prefix, tail, step_tail, opt, sched, rows, m.targets.to(rt.device)))
-    shared_prefix = parts[0][0]
-    has_prefix = len(shared_prefix) > 0
-    feats = None
-    for epoch in range(max(m.hp.epochs for m in members)):
+    epochs = max(m.hp.epochs for m in members)
+    shared = PrefixFeatures(parts[0][0], images, union, augment, epochs, rt, prefix_batch)
+    for epoch in range(epochs):
         params = aug.draw_params(len(images), augment, aug_seed, epoch) if augment else None
-        if has_prefix and (feats is None or augment):
-            feats = run_prefix(shared_prefix, images, union, rt, prefix_batch, params)  # one pass for the group
+        feats = shared.for_epoch(params)  # None when nothing is frozen
         for m, (prefix, tail, step_tail, opt, sched, rows, targets) in zip(members, parts):
             if epoch >= m.hp.epochs:
                 continue
             models.set_train_mode(prefix, tail)
-            if has_prefix:
+            if feats is not None:
                 get_input = lambda b, rows=rows: feats[rows[b].to(feats.device)]
             else:
                 idx = m.idx
