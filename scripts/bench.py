@@ -179,8 +179,8 @@ def compare_training(cfg, data, rt, classes, root: Path, workers: int, repeat: i
 
     total_n, total_e, total_p = 0, 0.0, 0.0
     for key, group in training.groups_of(cfg, classes).items():
-        run_engine = lambda: training.train_specialists(cfg, paths, group, data_dev, rt)
-        run_plain = lambda: [plain.train_specialist_plain(cfg, base, data, c, rt.device, workers) for c in group]
+        run_engine = lambda group=group: training.train_specialists(cfg, paths, group, data_dev, rt)
+        run_plain = lambda group=group: [plain.train_specialist_plain(cfg, base, data, c, rt.device, workers) for c in group]
         e_times, p_times = [], []
         for r in range(repeat):
             first_engine = r % 2 == 0

@@ -129,7 +129,7 @@ def _mnist(cfg: DataConfig):
 
     out = []
     for train in (True, False):
-        ds = _torchvision_or_error(lambda download: MNIST(cfg.root, train=train, download=download), "MNIST", cfg.root, cfg.download)
+        ds = _torchvision_or_error(lambda download, train=train: MNIST(cfg.root, train=train, download=download), "MNIST", cfg.root, cfg.download)
         out.append((resize_square(ds.data[:, None], cfg.image_size), ds.targets.long()))
     return out[0], out[1], [str(i) for i in range(10)]
 
@@ -140,7 +140,7 @@ def _imagenette(cfg: DataConfig):
     out, classes = [], None
     for split in ("train", "val"):
         ds = _torchvision_or_error(
-            lambda download: Imagenette(cfg.root, split=split, size="320px", download=download), "Imagenette2-320", cfg.root, cfg.download
+            lambda download, split=split: Imagenette(cfg.root, split=split, size="320px", download=download), "Imagenette2-320", cfg.root, cfg.download
         )
         paths, labels = zip(*ds._samples) if ds._samples else ((), ())
         if not paths:

@@ -254,9 +254,9 @@ def fit_group(
                 continue
             models.set_train_mode(prefix, tail)
             if feats is not None:
-                get_input = lambda b, rows=rows: feats[rows[b].to(feats.device)]
+                get_input = lambda b, rows=rows, feats=feats: feats[rows[b].to(feats.device)]
             else:
                 idx = m.idx
-                get_input = lambda b, idx=idx: rt.input(images[idx[b].to(images.device)], aug.take(params, idx[b]) if params else None)
+                get_input = lambda b, idx=idx, params=params: rt.input(images[idx[b].to(images.device)], aug.take(params, idx[b]) if params else None)
             order = epoch_order(len(rows), m.hp.seed, epoch)
             m.losses.append(train_one_epoch(step_tail, get_input, targets, order, m.hp.batch_size, m.loss_fn, opt, rt, sched))
