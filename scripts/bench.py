@@ -14,7 +14,8 @@ Printed: a table per (freeze, augment) group of images per second and wall time 
 (a) the engine (`training.train_specialists` on the group) and (b) plain.py (each
 specialist alone, PIL + DataLoader, the whole network every step), run back to back,
 their ratio plain/engine, and the totals; then (unless --no-stages) the time
-of every stage of a whole `pipeline.run`, from its manifest.json; and, with
+of every stage of a whole `pipeline.run`, from its manifest.json, with each strategy
+group's training time from the specialists' logs; and, with
 --full-finetune-throughput, the engine's full fine-tuning images/s at the config's size.
 
 The training comparison starts both from the same seeded random base (model.weights:
@@ -216,6 +217,23 @@ def _detail_rank(name: str) -> int:
     return next((i for i, p in enumerate(DETAIL_ORDER) if name.startswith(p)), len(DETAIL_ORDER))
 
 
+def print_group_times(cfg, paths: RunPaths) -> None:
+    """Each strategy group's training time, from the specialists' logs (on a CPU, groups overlap in lanes)."""
+    seen = set()
+    print("      per strategy group (on a CPU side by side, one core each, so they overlap):")
+    for c in range(cfg.num_classes):
+        log = paths.specialist_log(c)
+        if not log.exists():
+            continue
+        entry = read_json(log)
+        group = tuple(entry.get("group", [c]))
+        if group in seen or "group_seconds" not in entry:
+            continue
+        seen.add(group)
+        name = f"{entry['freeze']}/{'+'.join(entry['augment']) or 'none'} ({','.join(map(str, group))})"
+        print(f"        {name:<22} {entry['group_seconds']:>9.2f}s")
+
+
 def run_stages(cfg, root: Path, log: Path) -> None:
     """The whole pipeline.run into root; prints every stage's time from manifest.json."""
     cfg = copy.deepcopy(cfg)
@@ -240,6 +258,8 @@ def run_stages(cfg, root: Path, log: Path) -> None:
         print(f"  {stage:<28} {timings[stage]:>9.2f}s")
         for name, s in sorted(details.get(stage, {}).items(), key=lambda kv: _detail_rank(kv[0])):
             print(f"    {name:<26} {s:>9.2f}s")
+            if stage == "train" and name == "specialists":
+                print_group_times(cfg, RunPaths(root / "stages"))
     print(f"  {'report and the rest':<28} {wall - sum(timings.values()):>9.2f}s")
     print(f"  {'total (wall)':<28} {wall:>9.2f}s")
     if error:
