@@ -231,7 +231,7 @@ def print_group_times(cfg, paths: RunPaths) -> None:
             continue
         seen.add(group)
         name = f"{entry['freeze']}/{'+'.join(entry['augment']) or 'none'} ({','.join(map(str, group))})"
-        print(f"        {name:<22} {entry['group_seconds']:>9.2f}s")
+        print(f"        {name:<26} {entry['group_seconds']:>5.2f}s")
 
 
 def run_stages(cfg, root: Path, log: Path) -> None:
