@@ -1,5 +1,6 @@
 """Figures from a fake run directory whose tables come from the real metric and statistics functions."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,20 @@ def test_make_figures_writes_a_png_for_every_method_and_rule(run_a):
     assert paths.figures / "grid_ensemble_prob_norm.png" in expected
     assert all(_is_png(p) for p in written)
     assert not [p for p in paths.figures.iterdir() if p.name.startswith(".tmp")]  # no half-written leftovers
+
+
+def test_figures_drawn_in_workers_are_those_drawn_in_turn(run_a, tmp_path):
+    """make_figures in two worker processes writes the same files, byte for byte, as in one process."""
+    runs = {}
+    for how in ("in_turn", "workers"):
+        runs[how] = tmp_path / how / Path(run_a).name  # same run name: it is in every title
+        shutil.copytree(run_a, runs[how], ignore=shutil.ignore_patterns("figures"))
+    in_turn = figures.make_figures(runs["in_turn"], dpi=DPI, workers=1)
+    workers = figures.make_figures(runs["workers"], dpi=DPI, workers=2)
+    assert len(in_turn) >= figures.PARALLEL_FROM  # enough figures for the pool to start
+    assert [p.name for p in workers] == [p.name for p in in_turn]
+    for a, b in zip(in_turn, workers):
+        assert _is_png(b) and a.read_bytes() == b.read_bytes(), b.name
 
 
 def test_pair_figure_of_two_runs(tmp_path):

@@ -9,8 +9,11 @@ computed by the *_png functions below, which the report uses too.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import re
 import textwrap
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -443,33 +446,35 @@ def _fresh(target: Path, sources: list[Path]) -> bool:
     return target.exists() and all(target.stat().st_mtime_ns >= s.stat().st_mtime_ns for s in sources if s.exists())
 
 
-def make_figures(run_dir, other_run_dir=None, *, dpi: int = DPI) -> list[Path]:
+def make_figures(run_dir, other_run_dir=None, *, dpi: int = DPI, workers: int | None = None) -> list[Path]:
     """Every figure of a run into its figures/ folder; returns their paths.
 
     One grid per (method, rule) in correlations.csv; the |Δ| distribution and per-block
     plots when deltas_hist.csv / deltas_blocks.csv exist; with a second run, the pair
     figure (the paper's Figure 1) named after that run. A figure newer than the tables it
-    is drawn from is kept, so `correlate` then `report` draws each figure once.
+    is drawn from is kept, so `correlate` then `report` draws each figure once. The
+    figures to draw are drawn side by side in `workers` processes (default: one per
+    core, see draw_all).
     """
     paths = RunPaths(Path(run_dir))
     t = _run_tables(run_dir)
     labels = model_labels(t["deltas"])
     tables = [paths.deltas, paths.metrics, paths.correlations]
-    out = []
+    out, jobs = [], []
     for method, rule in method_rules(t["corr"]):
         target = grid_png(paths.figures, method, rule)
         if not _fresh(target, tables):
-            grid_figure(t["deltas"], t["metrics"], t["corr"], method, rule, target, title=_title(t["name"], t["dataset"]), dpi=dpi)
+            jobs.append((grid_figure, (t["deltas"], t["metrics"], t["corr"], method, rule, target), {"title": _title(t["name"], t["dataset"]), "dpi": dpi}))
         out.append(target)
     if paths.deltas_hist.exists():
         target = distribution_png(paths.figures)
         if not _fresh(target, [paths.deltas_hist, paths.deltas]):
-            delta_distribution_figure(read_csv(paths.deltas_hist), target, labels=labels, dpi=dpi)
+            jobs.append((delta_distribution_figure, (read_csv(paths.deltas_hist), target), {"labels": labels, "dpi": dpi}))
         out.append(target)
     if paths.deltas_blocks.exists():
         target = blocks_png(paths.figures)
         if not _fresh(target, [paths.deltas_blocks, paths.deltas]):
-            block_figure(read_csv(paths.deltas_blocks), target, labels=labels, dpi=dpi)
+            jobs.append((block_figure, (read_csv(paths.deltas_blocks), target), {"labels": labels, "dpi": dpi}))
         out.append(target)
     if other_run_dir is not None:
         other = RunPaths(Path(other_run_dir))
@@ -477,6 +482,33 @@ def make_figures(run_dir, other_run_dir=None, *, dpi: int = DPI) -> list[Path]:
         if choice is not None:
             target = pair_png(paths.figures, run_name(other_run_dir))
             if not _fresh(target, tables + [other.deltas, other.metrics, other.correlations]):
-                pair_figure(run_dir, other_run_dir, target, *choice, dpi=dpi)
+                jobs.append((pair_figure, (run_dir, other_run_dir, target, *choice), {"dpi": dpi}))
             out.append(target)
+    draw_all(jobs, workers)
     return out
+
+
+PARALLEL_FROM = 4  # figures; below this a worker's start-up (~1 s: Python, numpy, scipy, matplotlib) outweighs the drawing
+
+
+def _draw(job: tuple) -> Path:
+    fn, args, kwargs = job
+    return fn(*args, **kwargs)
+
+
+def draw_all(jobs: list[tuple], workers: int | None = None) -> list[Path]:
+    """Run figure jobs (function, args, kwargs); in worker processes when there are several.
+
+    Why processes: matplotlib draws on one core and holds the GIL, and a run's grids take
+    ~0.7 s each, 15 of them at the offline default. Every figure is a pure function of
+    its arguments and is written atomically, so the order does not matter and the files
+    are the same as drawn one by one (tests/test_figures.py). Workers are spawned, not
+    forked: the caller may hold torch's thread pools, which do not survive a fork.
+    """
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(workers, len(jobs))
+    if workers <= 1 or len(jobs) < PARALLEL_FROM:
+        return [_draw(job) for job in jobs]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_draw, jobs))

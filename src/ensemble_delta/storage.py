@@ -14,12 +14,12 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: tables and figures load without it
+    import torch
 
 
 @contextlib.contextmanager
@@ -52,6 +52,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Save a flat dict of tensors as safetensors, atomically (contiguous CPU copies)."""
+    from safetensors.torch import save_file
+
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=metadata)
@@ -59,6 +61,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Load safetensors (never pickle); a missing file is a user error naming the stage to run."""
+    from safetensors.torch import load_file
+
     if not Path(path).exists():
         raise UserError(f"{path} is missing: run the stage that writes it first (e.g. `ensemble-delta train`)")
     return load_file(str(path), device=device)
