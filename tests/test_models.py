@@ -1,4 +1,4 @@
-"""models.WindowConv2d: a one-pixel output as a matrix product is the same convolution."""
+"""models.use_cpu_kernels: the faster CPU kernels compute what torch's own compute."""
 
 import copy
 
@@ -27,7 +27,7 @@ SHAPES = [
 def test_one_pixel_output_matches_conv2d_and_its_gradients(cin, cout, k, s, p, n, bias):
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, k, s, p, bias=bias).double()
-    win = models.use_window_convs(copy.deepcopy(conv))
+    win = models.use_cpu_kernels(copy.deepcopy(conv))
     hw = n if isinstance(n, tuple) else (n, n)
     x = torch.randn(4, cin, *hw, dtype=torch.float64, requires_grad=True)
     assert win._single_output_window(x.shape[-2:]) is not None  # the fast path is the one under test
@@ -47,7 +47,7 @@ def test_one_pixel_output_matches_conv2d_and_its_gradients(cin, cout, k, s, p, n
 @pytest.mark.parametrize("n", [4, 7])
 def test_larger_outputs_run_the_usual_kernel(n):
     conv = nn.Conv2d(4, 4, 3, 1, 1)
-    win = models.use_window_convs(copy.deepcopy(conv))
+    win = models.use_cpu_kernels(copy.deepcopy(conv))
     x = torch.randn(2, 4, n, n)
     assert win._single_output_window(x.shape[-2:]) is None
     assert torch.equal(win(x), conv(x))
@@ -57,9 +57,10 @@ def test_window_resnet_is_the_same_network():
     """A ResNet with window convolutions: same keys, same outputs and gradients at 32 px (layer4 is one pixel)."""
     torch.manual_seed(0)
     ref = models.build("resnet18", 1).double()
-    win = models.use_window_convs(copy.deepcopy(ref))
+    win = models.use_cpu_kernels(copy.deepcopy(ref))
     assert list(win.state_dict()) == list(ref.state_dict())
     assert sum(isinstance(m, models.WindowConv2d) for m in win.modules()) == sum(isinstance(m, nn.Conv2d) for m in ref.modules())
+    assert isinstance(win.maxpool, models.ChannelsLastMaxPool2d)
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     for m in (ref, win):
         m.train()
@@ -69,7 +70,26 @@ def test_window_resnet_is_the_same_network():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=name)
 
 
-def test_cpu_runtime_prepares_window_convs():
+@pytest.mark.parametrize("ties", [False, True])
+def test_channels_last_max_pool_is_bit_identical(ties):
+    """Values and gradients equal F.max_pool2d's exactly, ties included (ReLU zeros, equal integers)."""
+    torch.manual_seed(1)
+    x = torch.randn(6, 16, 16, 16)
+    if ties:
+        x = F.relu(x).round()
+    pool = models.use_cpu_kernels(nn.MaxPool2d(3, 2, 1))
+    assert isinstance(pool, models.ChannelsLastMaxPool2d)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, out = F.max_pool2d(a, 3, 2, 1), pool(b)
+    assert torch.equal(out, ref) and out.is_contiguous()
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    out.backward(g)
+    assert torch.equal(b.grad, a.grad)
+
+
+def test_cpu_runtime_prepares_cpu_kernels():
     rt = resolve_runtime(RuntimeConfig(device="cpu"))
     m = rt.prepare(models.build("resnet18", 1))
     assert isinstance(m.layer4[0].conv1, models.WindowConv2d)
+    assert isinstance(m.maxpool, models.ChannelsLastMaxPool2d)

@@ -111,7 +111,7 @@ def train_specialist_plain(
     """Train class c's specialist the plain way; returns (state dict on the CPU, mean loss per epoch).
 
     `engine_kernels` picks the engine's kernels instead of torch's defaults (fused
-    optimizers; on the CPU, models.WindowConv2d), which round differently, so a test can
+    optimizers; on the CPU, models.use_cpu_kernels), which round differently, so a test can
     compare the two paths as one computation; the benchmark keeps the defaults a user gets.
     """
     s, device = cfg.strategy(c), torch.device(device)
@@ -128,7 +128,7 @@ def train_specialist_plain(
     )
     model = models.with_head(cfg.model.arch, base_state, 1, seed=seed).to(device)
     if engine_kernels and device.type == "cpu":
-        models.use_window_convs(model)
+        models.use_cpu_kernels(model)
     frozen = frozen_children(model, s.freeze)
     for m in frozen:
         m.requires_grad_(False)
