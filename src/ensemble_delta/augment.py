@@ -8,6 +8,7 @@ image): the same whichever specialists share the pass, and whatever the batch si
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -68,6 +69,17 @@ def take(params: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.
     return {k: v[idx] for k, v in params.items()}
 
 
+def moved(params: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The parameters on `device` (once per epoch, so that per-batch slicing needs no copy)."""
+    return {k: v.to(device) for k, v in params.items()} if params else params
+
+
+@functools.lru_cache(maxsize=None)
+def _normaliser(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std on `device`, made once: a fresh tensor per batch is a host-to-device copy."""
+    return torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+
 def to_input(images_u8: torch.Tensor, params: dict[str, torch.Tensor] | None = None, channels_last: bool = False) -> torch.Tensor:
     """uint8 [B, C, H, W] on the device -> augmented, 3-channel, ImageNet-normalised float input."""
     x = images_u8.float().div_(255)
@@ -75,7 +87,6 @@ def to_input(images_u8: torch.Tensor, params: dict[str, torch.Tensor] | None = N
         x = apply(x, params)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _normaliser(x.device)
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

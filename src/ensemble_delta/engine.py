@@ -154,10 +154,11 @@ def run_prefix(
     prefix.eval()
     chunks = []
     feat_dtype = torch.bfloat16 if rt.cuda and rt.bf16 else torch.float32
+    idx, params = idx.to(images.device), aug.moved(params, images.device)  # once: a copy per batch would sync the GPU each time
     for start in range(0, len(idx), batch_size):
         rows = idx[start : start + batch_size]
         p = aug.take(params, rows) if params else None
-        x = rt.input(images[rows.to(images.device)], p)
+        x = rt.input(images[rows], p)
         with rt.autocast():
             chunks.append(prefix(x).to(feat_dtype))
     return torch.cat(chunks)
@@ -180,7 +181,7 @@ class PrefixFeatures:
     """
 
     def __init__(self, prefix: nn.Module, images: torch.Tensor, rows: torch.Tensor, augment, epochs: int, rt: Runtime, batch_size: int):
-        self.prefix, self.images, self.rows, self.rt, self.batch_size = prefix, images, rows, rt, batch_size
+        self.prefix, self.images, self.rows, self.rt, self.batch_size = prefix, images, rows.to(images.device), rt, batch_size
         self.frozen = len(prefix) > 0
         self.two_views = tuple(augment) == ("flip",) and epochs > 2
         self._fixed: torch.Tensor | None = None  # the one view without augmentation
@@ -200,7 +201,7 @@ class PrefixFeatures:
             return self._run(params)
         if self._views is None:
             n = len(self.images)
-            self._views = [self._run({"flip": torch.full((n,), flipped)}) for flipped in (False, True)]
+            self._views = [self._run({"flip": torch.full((n,), flipped, device=self.images.device)}) for flipped in (False, True)]
         plain, flipped = self._views
         pick = params["flip"][self.rows].to(plain.device).view(-1, *[1] * (plain.dim() - 1))
         return torch.where(pick, flipped, plain)
@@ -244,21 +245,27 @@ def fit_group(
         opt = make_optimizer(tail.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, rt)
         steps = hp.epochs * -(-len(m.idx) // hp.batch_size)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=steps, pct_start=0.25) if m.one_cycle else None
-        rows = torch.searchsorted(union, m.idx)  # the member's rows in the union
-        parts.append((prefix, tail, step_tail, opt, sched, rows, m.targets.to(rt.device)))
+        rows = torch.searchsorted(union, m.idx).to(rt.device)  # the member's rows in the union (of the features)
+        parts.append((prefix, tail, step_tail, opt, sched, rows, m.idx.to(images.device), m.targets.to(rt.device)))
     epochs = max(m.hp.epochs for m in members)
     shared = PrefixFeatures(parts[0][0], images, union, augment, epochs, rt, prefix_batch)
+    # Every index tensor lives beside the tensor it indexes, moved once per epoch at most:
+    # on CUDA a host-to-device copy inside the step loop would make the host wait for the
+    # GPU every step, and the GPU then idles while Python prepares the next one.
     for epoch in range(epochs):
-        params = aug.draw_params(len(images), augment, aug_seed, epoch) if augment else None
+        params = aug.moved(aug.draw_params(len(images), augment, aug_seed, epoch), images.device) if augment else None
         feats = shared.for_epoch(params)  # None when nothing is frozen
-        for m, (prefix, tail, step_tail, opt, sched, rows, targets) in zip(members, parts):
+        for m, (prefix, tail, step_tail, opt, sched, rows, idx, targets) in zip(members, parts):
             if epoch >= m.hp.epochs:
                 continue
             models.set_train_mode(prefix, tail)
             if feats is not None:
-                get_input = lambda b, rows=rows, feats=feats: feats[rows[b].to(feats.device)]
+                get_input = lambda b, rows=rows, feats=feats: feats[rows[b]]
             else:
-                idx = m.idx
-                get_input = lambda b, idx=idx, params=params: rt.input(images[idx[b].to(images.device)], aug.take(params, idx[b]) if params else None)
-            order = epoch_order(len(rows), m.hp.seed, epoch)
+
+                def get_input(b, idx=idx, params=params):
+                    i = idx[b.to(idx.device)]  # a no-op move unless the images stayed on the host
+                    return rt.input(images[i], aug.take(params, i) if params else None)
+
+            order = epoch_order(len(rows), m.hp.seed, epoch).to(rt.device)
             m.losses.append(train_one_epoch(step_tail, get_input, targets, order, m.hp.batch_size, m.loss_fn, opt, rt, sched))

@@ -99,10 +99,12 @@ def cost(cfg: Config, classes: list[int]) -> int:
 
 
 def _bce(pos_weight: float):
-    pw = torch.tensor(pos_weight)
+    pw: dict[torch.device, torch.Tensor] = {}  # per device, made once: a copy per step would sync the GPU
 
     def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(out.squeeze(1), y, pos_weight=pw.to(out.device))
+        if out.device not in pw:
+            pw[out.device] = torch.tensor(pos_weight, device=out.device)
+        return F.binary_cross_entropy_with_logits(out.squeeze(1), y, pos_weight=pw[out.device])
 
     return loss
 
