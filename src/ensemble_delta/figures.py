@@ -508,7 +508,7 @@ def draw_all(jobs: list[tuple], workers: int | None = None) -> list[Path]:
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(workers, len(jobs))
-    if workers <= 1 or len(jobs) < PARALLEL_FROM:
+    if workers <= 1 or len(jobs) < PARALLEL_FROM or multiprocessing.current_process().daemon:  # a daemon may not start processes
         return [_draw(job) for job in jobs]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_draw, jobs))
