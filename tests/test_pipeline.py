@@ -115,6 +115,26 @@ def test_rerun_skips_completed_work(run_a):
     assert before == {c: run_a.specialist(c).stat().st_mtime_ns for c in range(K)}
 
 
+def test_rerun_of_every_stage_rewrites_no_table_and_redraws_no_figure(run_a, workdir, monkeypatch):
+    """`run` again on a finished run: nothing is trained, scored or recomputed from the checkpoints,
+    and the tables and figures keep their files (mtimes included); --force redoes the delta tables."""
+    from ensemble_delta import evaluation
+
+    p = RunPaths(workdir / "results" / "rerun")
+    shutil.copytree(run_a.root, p.root)  # copies keep their relative ages (copy2 keeps mtimes)
+    kept = [p.deltas, p.deltas_blocks, p.deltas_hist, p.metrics, p.summary, p.correlations, *sorted(p.figures.iterdir())]
+    before = {f: f.stat().st_mtime_ns for f in kept}
+    calls = []
+    real = evaluation.delta_tables
+    monkeypatch.setattr(evaluation, "delta_tables", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pipeline.run(pipeline.run_config(p.root))
+    assert calls == []  # the delta tables were current: no checkpoint was read again
+    assert {f: f.stat().st_mtime_ns for f in kept} == before
+    deltas = p.deltas.read_bytes()
+    pipeline.evaluate(p.root, methods=["ensemble"], force=True)
+    assert calls == [1] and p.deltas.read_bytes() == deltas  # recomputed, same numbers
+
+
 def test_resume_after_simulated_crash(run_a, workdir):
     """A half-written checkpoint without its marker, and a stray temp file, are redone; the rest are not."""
     p = RunPaths(workdir / "results" / "crash")

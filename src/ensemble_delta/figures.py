@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 
 from .paths import RunPaths
 from .statistics import GAINS, STATS
-from .storage import atomic_path, read_csv
+from .storage import atomic_path, newer_than, read_csv
 
 STAT_LABELS = {"mean_abs": "E|Δ|", "var": "Var(Δ)", "q95_abs": "Q95|Δ|"}
 GAIN_LABELS = {"precision": "Δ precision", "f1": "Δ F1", "auc": "Δ AUC"}
@@ -443,7 +443,7 @@ def pair_choice(corr_a: list[dict], corr_b: list[dict]) -> tuple[str, str] | Non
 
 def _fresh(target: Path, sources: list[Path]) -> bool:
     """A figure is a pure function of its tables: it is current when newer than every one of them."""
-    return target.exists() and all(target.stat().st_mtime_ns >= s.stat().st_mtime_ns for s in sources if s.exists())
+    return newer_than([target], sources)
 
 
 def make_figures(run_dir, other_run_dir=None, *, dpi: int = DPI, workers: int | None = None) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -38,8 +39,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text atomically; a file that already holds exactly this text is left alone, mtime
+    included, so what is drawn from it (newer_than) stays current on a rerun."""
+    path, data = Path(path), text.encode()
+    if path.exists() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
+
+
+def newer_than(targets: Iterable[str | os.PathLike], sources: Iterable[str | os.PathLike]) -> bool:
+    """Every target exists and is at least as new as every source that exists.
+
+    A figure or table that is a pure function of its sources is current when this holds.
+    """
+    targets = [Path(t) for t in targets]
+    if not all(t.exists() for t in targets):
+        return False
+    oldest = min(t.stat().st_mtime_ns for t in targets)
+    return all(oldest >= Path(s).stat().st_mtime_ns for s in sources if Path(s).exists())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -79,18 +97,18 @@ def _fmt(v: Any) -> str:
 
 
 def write_csv(path: str | os.PathLike, rows: Iterable[dict[str, Any]], columns: list[str] | None = None) -> None:
-    """Write tidy rows (one dict each) as CSV. Floats keep full precision (repr) so tables round-trip."""
+    """Write tidy rows (one dict each) as CSV (through write_text). Floats keep full precision (repr) so tables round-trip."""
     rows = list(rows)
     if columns is None:
         columns = []
         for r in rows:
             columns += [k for k in r if k not in columns]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(columns)
-            for r in rows:
-                w.writerow([_fmt(r.get(c)) for c in columns])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([_fmt(r.get(c)) for c in columns])
+    write_text(path, buf.getvalue())
 
 
 def _parse(v: str) -> Any:
