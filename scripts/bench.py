@@ -14,7 +14,7 @@ Printed: a table per (freeze, augment) group of images per second and wall time 
 (a) the engine (`training.train_specialists` on the group) and (b) plain.py (each
 specialist alone, PIL + DataLoader, the whole network every step), run back to back,
 their ratio plain/engine, and the totals; then (unless --no-stages) the time
-of every stage of a whole `pipeline.run`, from its manifest.json, with each strategy
+of every stage of a whole `ensemble-delta run` (its own process), from its manifest.json, with each strategy
 group's training time from the specialists' logs; and, with
 --full-finetune-throughput, the engine's full fine-tuning images/s at the config's size.
 
@@ -32,6 +32,7 @@ import copy
 import dataclasses
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +43,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would break the tabl
 import torch
 
 from ensemble_delta import engine, models, pipeline, plain, training
-from ensemble_delta.config import Strategy
+from ensemble_delta.config import Strategy, to_yaml
 from ensemble_delta.data import load_data, one_vs_rest
 from ensemble_delta.paths import RunPaths
 from ensemble_delta.storage import read_json
@@ -235,24 +236,25 @@ def print_group_times(cfg, paths: RunPaths) -> None:
 
 
 def run_stages(cfg, root: Path, log: Path) -> None:
-    """The whole pipeline.run into root; prints every stage's time from manifest.json."""
+    """The whole study as a user runs it, `ensemble-delta run` in its own process, into root/stages;
+    prints every stage's time from its manifest.json.
+
+    Its own process: it starts as the command does, and worker processes it spawns (the
+    figures) start from the command line, not from this script.
+    """
     cfg = copy.deepcopy(cfg)
     cfg.out_root, cfg.name = str(root), "stages"
-    here = os.getcwd()
-    os.chdir(root)  # pipeline.train writes results/LAST under the working directory: keep it out of the repository
+    config = root / "stages.yaml"
+    config.write_text(to_yaml(cfg))
+    cmd = [sys.executable, "-m", "ensemble_delta.cli", "run", "--config", str(config), "--out", str(root / "stages")]
     t0 = time.perf_counter()
-    error = None
-    try:
-        with quiet(log):
-            pipeline.run(cfg)
-    except Exception as e:  # report what finished, and why the rest did not
-        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    finally:
-        os.chdir(here)
+    with open(log, "a") as out:  # cwd root: the command writes results/LAST there, not in the repository
+        proc = subprocess.run(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, check=False)
+    error = None if proc.returncode == 0 else f"exit status {proc.returncode}"
     wall = time.perf_counter() - t0
     manifest = root / "stages" / "manifest.json"
     m = read_json(manifest) if manifest.exists() else {}
-    print(f"\nstages of pipeline.run ({cfg.model.weights} base; {cfg.num_classes} specialists), from manifest.json:")
+    print(f"\nstages of `ensemble-delta run` ({cfg.model.weights} base; {cfg.num_classes} specialists), from manifest.json:")
     timings, details = m.get("timings", {}), m.get("stage_details", {})
     for stage in sorted(timings, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER)):
         print(f"  {stage:<28} {timings[stage]:>9.2f}s")
@@ -260,10 +262,10 @@ def run_stages(cfg, root: Path, log: Path) -> None:
             print(f"    {name:<26} {s:>9.2f}s")
             if stage == "train" and name == "specialists":
                 print_group_times(cfg, RunPaths(root / "stages"))
-    print(f"  {'report and the rest':<28} {wall - sum(timings.values()):>9.2f}s")
+    print(f"  {'start-up and the rest':<28} {wall - sum(timings.values()):>9.2f}s")
     print(f"  {'total (wall)':<28} {wall:>9.2f}s")
     if error:
-        print(f"  pipeline.run stopped: {error} (library output in {log})")
+        print(f"  ensemble-delta run stopped: {error} (its output in {log})")
 
 
 def full_finetune_throughput(cfg, rt, batch: int, steps: int, log: Path) -> None:

@@ -40,6 +40,6 @@ def test_bench_prints_groups_ratio_stages_and_throughput(bench, tmp_path, capsys
     for stage in ("train", "base", "specialists", "evaluate", "distill", "merge_ties", "correlate", "total (wall)"):
         assert re.search(rf"^\s+{re.escape(stage)}\s+[\d.]+s$", out, re.M), stage
     assert re.search(r"^\s+full/color \(3,8\)\s+[\d.]+s$", out, re.M)  # strategies cycle over the classes
-    assert "pipeline.run stopped" not in out
+    assert "run stopped" not in out
     assert re.search(r"full fine-tuning through the engine: resnet18 at 16px, batch 64, 1 steps: \d+ images/s", out)
     assert (tmp_path / "stages" / "report.md").exists()
