@@ -27,8 +27,14 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_state() -> dict:
-    here = Path(__file__).resolve().parent
+def git_state(outputs: Path | None = None, repo: Path | None = None) -> dict:
+    """The commit of the code that ran, and whether tracked files differ from it.
+
+    `outputs` (the folder of run directories) does not count towards `dirty`: rerunning
+    the committed reference outputs rewrites them, and that is not a change to the code.
+    `repo`: any folder in the repository (default: this package's).
+    """
+    here = repo or Path(__file__).resolve().parent
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
@@ -37,7 +43,15 @@ def git_state() -> dict:
         commit = git("rev-parse", "HEAD")
         if commit.returncode != 0:
             return {"commit": None, "dirty": None}
-        return {"commit": commit.stdout.strip(), "dirty": bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())}
+        spec = ["--", ":/"]  # the whole working tree, wherever `repo` is in it
+        top = git("rev-parse", "--show-toplevel").stdout.strip()
+        if outputs is not None and top:
+            try:
+                spec.append(f":(top,exclude){Path(outputs).resolve().relative_to(Path(top).resolve()).as_posix()}")
+            except ValueError:
+                pass  # outputs outside the repository cannot make it dirty
+        status = git("status", "--porcelain", "--untracked-files=no", *spec)
+        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
     except (OSError, subprocess.TimeoutExpired):
         return {"commit": None, "dirty": None}
 
@@ -59,7 +73,7 @@ def update_manifest(paths: RunPaths, cfg: Config, stage: str, seconds: float, rt
         {
             "config_hash": config_hash(cfg),
             "versions": versions(),
-            "git": git_state(),
+            "git": git_state(outputs=paths.root.parent),
             "seeds": {
                 "split_seed": cfg.data.split_seed,
                 "init_seed": cfg.model.init_seed,
