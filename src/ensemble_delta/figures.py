@@ -441,11 +441,6 @@ def pair_choice(corr_a: list[dict], corr_b: list[dict]) -> tuple[str, str] | Non
     return common[0] if common else None
 
 
-def _fresh(target: Path, sources: list[Path]) -> bool:
-    """A figure is a pure function of its tables: it is current when newer than every one of them."""
-    return newer_than([target], sources)
-
-
 def make_figures(run_dir, other_run_dir=None, *, dpi: int = DPI, workers: int | None = None) -> list[Path]:
     """Every figure of a run into its figures/ folder; returns their paths.
 
@@ -463,17 +458,17 @@ def make_figures(run_dir, other_run_dir=None, *, dpi: int = DPI, workers: int | 
     out, jobs = [], []
     for method, rule in method_rules(t["corr"]):
         target = grid_png(paths.figures, method, rule)
-        if not _fresh(target, tables):
+        if not newer_than([target], tables):
             jobs.append((grid_figure, (t["deltas"], t["metrics"], t["corr"], method, rule, target), {"title": _title(t["name"], t["dataset"]), "dpi": dpi}))
         out.append(target)
     if paths.deltas_hist.exists():
         target = distribution_png(paths.figures)
-        if not _fresh(target, [paths.deltas_hist, paths.deltas]):
+        if not newer_than([target], [paths.deltas_hist, paths.deltas]):
             jobs.append((delta_distribution_figure, (read_csv(paths.deltas_hist), target), {"labels": labels, "dpi": dpi}))
         out.append(target)
     if paths.deltas_blocks.exists():
         target = blocks_png(paths.figures)
-        if not _fresh(target, [paths.deltas_blocks, paths.deltas]):
+        if not newer_than([target], [paths.deltas_blocks, paths.deltas]):
             jobs.append((block_figure, (read_csv(paths.deltas_blocks), target), {"labels": labels, "dpi": dpi}))
         out.append(target)
     if other_run_dir is not None:
@@ -481,7 +476,7 @@ def make_figures(run_dir, other_run_dir=None, *, dpi: int = DPI, workers: int | 
         choice = pair_choice(t["corr"], read_csv(other.correlations))
         if choice is not None:
             target = pair_png(paths.figures, run_name(other_run_dir))
-            if not _fresh(target, tables + [other.deltas, other.metrics, other.correlations]):
+            if not newer_than([target], tables + [other.deltas, other.metrics, other.correlations]):
                 jobs.append((pair_figure, (run_dir, other_run_dir, target, *choice), {"dpi": dpi}))
             out.append(target)
     draw_all(jobs, workers)
