@@ -7,7 +7,10 @@ safetensors metadata and is written atomically, so it is its own completion mark
 
 from __future__ import annotations
 
+import functools
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -164,25 +167,35 @@ def _delta_tables_current(cfg: Config, paths: RunPaths, with_student: bool) -> b
     return len(rows) == cfg.num_classes + with_student and any(r["model"] == "student" for r in rows) == with_student
 
 
+def _delta_rows(base: dict, names: list[str], entry: tuple) -> tuple[dict, list, list]:
+    """One model's row of deltas.csv, and its rows of deltas_blocks.csv and deltas_hist.csv."""
+    name, c, path, freeze, augment = entry
+    tuned = load_tensors(path)
+    d = dl.flat_delta(base, tuned, names)
+    row = {"model": name, "class": c, "freeze": freeze, "augment": augment, **dl.delta_stats(d)}
+    blocks = [{"model": name, "class": c, **b} for b in dl.block_stats(base, tuned, names)]
+    h, edges = dl.abs_histogram(d), dl.HIST_EDGES
+    hist = [{"model": name, "bin_low": 0.0, "bin_high": 0.0, "count": h["zero"]}, {"model": name, "bin_low": 0.0, "bin_high": float(edges[0]), "count": h["below"]}]
+    hist += [{"model": name, "bin_low": float(lo), "bin_high": float(hi), "count": int(n)} for lo, hi, n in zip(edges[:-1], edges[1:], h["counts"])]
+    hist.append({"model": name, "bin_low": float(edges[-1]), "bin_high": float("inf"), "count": h["above"]})
+    return row, blocks, hist
+
+
 def delta_tables(cfg: Config, paths: RunPaths, base: dict, with_student: bool) -> tuple[list, list, list]:
-    """deltas.csv, deltas_blocks.csv and deltas_hist.csv rows for every specialist (and the student)."""
+    """deltas.csv, deltas_blocks.csv and deltas_hist.csv rows for every specialist (and the student).
+
+    The models run side by side in threads: each is a few passes of single-threaded numpy
+    over its flat delta (1.7 s for ResNet50's 23.5M values here), and numpy releases the
+    GIL in them. Rows come back in the models' order, whatever finishes first.
+    """
     names = models.backbone_param_names(models.build(cfg.model.arch, 1))
-    rows, blocks, hist = [], [], []
     entries = [(f"class_{c}", c, paths.specialist(c), cfg.strategy(c).freeze, "+".join(cfg.strategy(c).augment) or "none") for c in range(cfg.num_classes)]
     if with_student:
         entries.append(("student", None, paths.student, cfg.distill.freeze, "+".join(cfg.distill.augment) or "none"))
-    for name, c, path, freeze, augment in entries:
-        tuned = load_tensors(path)
-        d = dl.flat_delta(base, tuned, names)
-        rows.append({"model": name, "class": c, "freeze": freeze, "augment": augment, **dl.delta_stats(d)})
-        blocks += [{"model": name, "class": c, **b} for b in dl.block_stats(base, tuned, names)]
-        h = dl.abs_histogram(d)
-        edges = dl.HIST_EDGES
-        hist.append({"model": name, "bin_low": 0.0, "bin_high": 0.0, "count": h["zero"]})
-        hist.append({"model": name, "bin_low": 0.0, "bin_high": float(edges[0]), "count": h["below"]})
-        hist += [{"model": name, "bin_low": float(lo), "bin_high": float(hi), "count": int(n)} for lo, hi, n in zip(edges[:-1], edges[1:], h["counts"])]
-        hist.append({"model": name, "bin_low": float(edges[-1]), "bin_high": float("inf"), "count": h["above"]})
-    return rows, blocks, hist
+    workers = min(len(entries), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)  # 8: each holds ~4 copies of a delta
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        parts = list(pool.map(functools.partial(_delta_rows, base, names), entries))
+    return [row for row, _, _ in parts], [b for _, blocks, _ in parts for b in blocks], [h for _, _, hist in parts for h in hist]
 
 
 def metric_tables(cfg: Config, paths: RunPaths, methods: list[str], labels: np.ndarray) -> tuple[list, list]:
