@@ -24,6 +24,11 @@ mkdir -p "$LOGS"
   $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$LOGS/env.txt"
 
+if [[ " $* " != *" --device "* ]] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "error: no CUDA device visible; this check is sized for one GPU (for a CPU dry run pass --device cpu and small sizes, see the top of this script)" >&2
+    exit 2
+fi
+
 echo "== 0. host-device syncs in the training loop (must not grow with the steps)"
 timeout 120 $PY scripts/sync_check.py 2>&1 | tee "$LOGS/sync.txt"
 
