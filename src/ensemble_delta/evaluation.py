@@ -8,7 +8,6 @@ safetensors metadata and is written atomically, so it is its own completion mark
 from __future__ import annotations
 
 import functools
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,7 +27,7 @@ from .errors import UserError
 from .merging import MERGE_METHODS, merge, recalibrate_bn
 from .paths import RunPaths, is_done
 from .provenance import update_manifest
-from .storage import load_tensors, newer_than, read_csv, save_tensors, write_csv, write_json
+from .storage import load_tensors, newer_than, read_csv, save_tensors, usable_cores, write_csv, write_json
 from .training import base_state, specialist_hash
 
 TRAINED = ("num_classes", "data", "model", "pretrain", "strategies")
@@ -192,7 +191,7 @@ def delta_tables(cfg: Config, paths: RunPaths, base: dict, with_student: bool) -
     entries = [(f"class_{c}", c, paths.specialist(c), cfg.strategy(c).freeze, "+".join(cfg.strategy(c).augment) or "none") for c in range(cfg.num_classes)]
     if with_student:
         entries.append(("student", None, paths.student, cfg.distill.freeze, "+".join(cfg.distill.augment) or "none"))
-    workers = min(len(entries), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)  # 8: each holds ~4 copies of a delta
+    workers = min(len(entries), usable_cores(), 8)  # 8: each holds ~4 copies of a delta
     with ThreadPoolExecutor(max_workers=workers) as pool:
         parts = list(pool.map(functools.partial(_delta_rows, base, names), entries))
     return [row for row, _, _ in parts], [b for _, blocks, _ in parts for b in blocks], [h for _, _, hist in parts for h in hist]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 import re
 import textwrap
 from concurrent.futures import ProcessPoolExecutor
@@ -23,7 +22,7 @@ from matplotlib.lines import Line2D
 
 from .paths import RunPaths
 from .statistics import GAINS, STATS
-from .storage import atomic_path, newer_than, read_csv
+from .storage import atomic_path, newer_than, read_csv, usable_cores
 
 STAT_LABELS = {"mean_abs": "E|Δ|", "var": "Var(Δ)", "q95_abs": "Q95|Δ|"}
 GAIN_LABELS = {"precision": "Δ precision", "f1": "Δ F1", "auc": "Δ AUC"}
@@ -501,7 +500,7 @@ def draw_all(jobs: list[tuple], workers: int | None = None) -> list[Path]:
     forked: the caller may hold torch's thread pools, which do not survive a fork.
     """
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = usable_cores()
     workers = min(workers, len(jobs))
     if workers <= 1 or len(jobs) < PARALLEL_FROM or multiprocessing.current_process().daemon:  # a daemon may not start processes
         return [_draw(job) for job in jobs]

@@ -40,18 +40,18 @@ def git_state(outputs: Path | None = None, repo: Path | None = None) -> dict:
         return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
 
     try:
-        commit = git("rev-parse", "HEAD")
-        if commit.returncode != 0:
+        head = git("rev-parse", "HEAD", "--show-toplevel")
+        if head.returncode != 0:
             return {"commit": None, "dirty": None}
+        commit, top = head.stdout.splitlines()[:2]  # one line each; a path may hold spaces
         spec = ["--", ":/"]  # the whole working tree, wherever `repo` is in it
-        top = git("rev-parse", "--show-toplevel").stdout.strip()
-        if outputs is not None and top:
+        if outputs is not None:
             try:
                 spec.append(f":(top,exclude){Path(outputs).resolve().relative_to(Path(top).resolve()).as_posix()}")
             except ValueError:
                 pass  # outputs outside the repository cannot make it dirty
         status = git("status", "--porcelain", "--untracked-files=no", *spec)
-        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
+        return {"commit": commit, "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
     except (OSError, subprocess.TimeoutExpired):
         return {"commit": None, "dirty": None}
 

@@ -48,6 +48,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_bytes(data)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity, where the OS has one), for sizing worker pools."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def newer_than(targets: Iterable[str | os.PathLike], sources: Iterable[str | os.PathLike]) -> bool:
     """Every target exists and is at least as new as every source that exists.
 
